@@ -1,0 +1,174 @@
+"""Drafters: cheap proposers of the next k tokens, running on the edge.
+
+A drafter is a factory of per-request sessions. ``propose(k)`` returns up to k
+tokens and, when they were sampled, the distributions they were sampled from
+(speculative sampling needs q to stay lossless). ``extend`` commits the
+round's accepted tokens so the session can roll its cache back to them.
+
+Backends: :class:`HFDrafter` (a small local causal LM with a rolling KV cache)
+and :class:`NgramDrafter` (model-free prompt lookup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from decoding.causal_lm import CachedSequence, CausalLM
+from decoding.sampling import SamplingParams, logits_to_probs, sample
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Proposed tokens for one round.
+
+    tokens: up to k proposed ids (fewer, even none, when a drafter has nothing).
+    probs: [len(tokens), V] float32 distributions the tokens were sampled from,
+        or None when the proposal is deterministic (greedy or n-gram), which
+        speculative sampling treats as one-hot.
+    """
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+EMPTY_DRAFT = Draft(tokens=[])
+
+
+@runtime_checkable
+class DraftSession(Protocol):
+    forward_passes: int
+
+    async def propose(self, k: int) -> Draft: ...
+
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    name: str
+    vocab_size: int
+    #: Cost of one drafter step relative to one verifier pass (the classic c).
+    cost_ratio: float
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> DraftSession: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HFDrafter:
+    """A small local Hugging Face causal LM as the drafter."""
+
+    def __init__(self, lm: CausalLM, cost_ratio: float = 0.1):
+        self.lm = lm
+        self.name = lm.name
+        self.vocab_size = lm.vocab_size
+        self.cost_ratio = cost_ratio
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, cost_ratio: float = 0.1, **kwargs) -> HFDrafter:
+        return cls(CausalLM(path, **kwargs), cost_ratio=cost_ratio)
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> HFDraftSession:
+        return HFDraftSession(self.lm.sequence(prompt_ids), params, generator)
+
+    async def aclose(self) -> None:
+        self.lm.close()
+
+
+class HFDraftSession:
+    def __init__(self, seq: CachedSequence, params: SamplingParams, generator: torch.Generator):
+        self.seq = seq
+        self.params = params
+        self.generator = generator
+
+    @property
+    def forward_passes(self) -> int:
+        return self.seq.forward_passes
+
+    def _propose(self, k: int) -> Draft:
+        tokens: list[int] = []
+        probs: list[torch.Tensor] = []
+        feed = self.seq.pending()
+        for _ in range(k):
+            logits = self.seq.feed(feed, keep=1)  # [1, V]
+            if self.params.greedy:
+                token = int(logits.argmax(dim=-1))
+            else:
+                q = logits_to_probs(logits, self.params)
+                token = int(sample(q, self.generator))
+                probs.append(q[0])
+            tokens.append(token)
+            feed = [token]
+        # The last draft is never fed: if it is accepted, the next round feeds it
+        # together with the bonus token in one pass.
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+
+    async def propose(self, k: int) -> Draft:
+        if k <= 0:
+            return EMPTY_DRAFT
+        return await self.seq.lm.run(self._propose, k)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.seq.extend(tokens)
+
+    async def close(self) -> None:
+        self.seq = None  # type: ignore[assignment]
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting: find the latest earlier occurrence of the
+    context's last n tokens and propose what followed it.
+
+    It costs no model pass, so it shines on inputs that repeat themselves
+    (code edits, quoting, extraction). It tries the longest n first.
+    """
+
+    cost_ratio = 0.0
+
+    def __init__(self, vocab_size: int, max_ngram: int = 4, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+        self.name = f"ngram-{min_ngram}-{max_ngram}"
+        self.vocab_size = vocab_size
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> NgramDraftSession:
+        return NgramDraftSession(self, prompt_ids)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class NgramDraftSession:
+    forward_passes = 0
+
+    def __init__(self, drafter: NgramDrafter, prompt_ids: Sequence[int]):
+        self.drafter = drafter
+        self.ids = list(prompt_ids)
+
+    def lookup(self, k: int) -> list[int]:
+        ids = self.ids
+        for n in range(min(self.drafter.max_ngram, len(ids) - 1), self.drafter.min_ngram - 1, -1):
+            suffix = ids[-n:]
+            # Latest match first: recent context predicts the continuation best.
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start : start + n] == suffix:
+                    return ids[start + n : start + n + k]
+        return []
+
+    async def propose(self, k: int) -> Draft:
+        return Draft(tokens=self.lookup(k)) if k > 0 else EMPTY_DRAFT
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.ids.extend(tokens)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,105 @@
+"""Verifiers: the large model that scores a draft at all k+1 positions in one pass.
+
+A verifier is a factory of per-request sessions. A session holds the request's
+committed context (and whatever cache the backend keeps for it); ``score``
+returns the target logits for the draft positions plus the bonus position, and
+``extend`` commits the round's accepted tokens, letting the backend roll its
+cache back to them.
+
+Backends: :class:`HFVerifier` (in-process, the embedded default). The
+vLLM-hosted and split-inference backends implement the same protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from decoding.causal_lm import CachedSequence, CausalLM
+
+
+class VerifierUnavailableError(RuntimeError):
+    """The verifier cannot be reached or answered something unusable (HTTP 503)."""
+
+
+@runtime_checkable
+class VerifySession(Protocol):
+    forward_passes: int
+
+    async def score(self, draft: Sequence[int]) -> torch.Tensor:
+        """Score the context followed by ``draft`` (k ids, k >= 0).
+
+        Returns logits [k+1, V] float32 (on CPU): row i is the target's
+        next-token distribution after ``draft[:i]``; row k gives the bonus token.
+        Entries a backend did not compute (top-K transports) are -inf.
+        """
+        ...
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Commit the round's accepted tokens to the context."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    name: str
+    vocab_size: int
+    max_context: int
+
+    async def start(self, prompt_ids: Sequence[int]) -> VerifySession: ...
+
+    async def check_ready(self) -> None:
+        """Raise VerifierUnavailableError unless the backend can serve now."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class HFVerifier:
+    """The in-process verifier: a local Hugging Face causal LM."""
+
+    def __init__(self, lm: CausalLM):
+        self.lm = lm
+        self.name = lm.name
+        self.vocab_size = lm.vocab_size
+        self.max_context = lm.max_context
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **kwargs) -> HFVerifier:
+        return cls(CausalLM(path, **kwargs))
+
+    async def start(self, prompt_ids: Sequence[int]) -> HFVerifySession:
+        return HFVerifySession(self.lm.sequence(prompt_ids))
+
+    async def check_ready(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        self.lm.close()
+
+
+class HFVerifySession:
+    def __init__(self, seq: CachedSequence):
+        self.seq = seq
+
+    @property
+    def forward_passes(self) -> int:
+        return self.seq.forward_passes
+
+    async def score(self, draft: Sequence[int]) -> torch.Tensor:
+        def run() -> torch.Tensor:
+            # One pass over the uncached context tail plus the whole draft.
+            return self.seq.feed(self.seq.pending() + list(draft), keep=len(draft) + 1)
+
+        return await self.seq.lm.run(run)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.seq.extend(tokens)
+
+    async def close(self) -> None:
+        self.seq = None  # type: ignore[assignment]  # frees the KV cache now, not at GC

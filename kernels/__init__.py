@@ -1,0 +1,38 @@
+"""Token-verification kernels for speculative decoding.
+
+``verify_drafts`` is the one public entry point; the decoding core calls it and
+never a backend directly. ``backend="auto"`` runs the fused Triton kernels on
+CUDA tensors and the torch reference (``kernels/reference.py``) elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from kernels.reference import PAD, VerificationResult, check_inputs
+from kernels.reference import verify_drafts as _verify_torch
+
+Backend = Literal["auto", "triton", "torch"]
+
+__all__ = ["PAD", "VerificationResult", "check_inputs", "verify_drafts"]
+
+
+def verify_drafts(
+    draft_tokens: torch.Tensor,
+    draft_lens: torch.Tensor,
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    backend: Backend = "auto",
+) -> VerificationResult:
+    """Verify a batch of drafts; same contract as :func:`kernels.reference.verify_drafts`."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and target_probs.is_cuda)
+    if use_triton:
+        from kernels.triton_verify import verify_drafts_triton
+
+        return verify_drafts_triton(draft_tokens, draft_lens, target_probs, draft_probs, generator)
+    return _verify_torch(draft_tokens, draft_lens, target_probs, draft_probs, generator)
