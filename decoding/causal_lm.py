@@ -152,5 +152,5 @@ class CachedSequence:
     def _crop_to(self, length: int) -> None:
         drop = len(self.cached) - length
         if drop > 0:
-            self.cache.crop(drop)
+            self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
             del self.cached[length:]

@@ -1,0 +1,358 @@
+"""The speculative-decoding router: the edge drafter proposes, the verifier decides.
+
+One round, top to bottom in :meth:`SpeculativeRouter.stream`:
+
+1. the drafter proposes k tokens (k adapts to the recent acceptance);
+2. the verifier scores context + draft in one pass: k+1 target distributions;
+3. ``kernels.verify_drafts`` accepts a prefix of the draft and emits one
+   correction (first rejection) or bonus (all accepted) token;
+4. both sides commit the accepted tokens, rolling their caches back past the
+   rejected ones, and the round's tokens are streamed out.
+
+Greedy output is token-identical to the verifier alone; sampled output has the
+verifier's exact distribution (after temperature/top-k/top-p, applied to both
+models alike). ``verifier-only`` is the same loop with k = 0, and
+``drafter-only`` skips verification altogether.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+import kernels
+from decoding.detokenizer import IncrementalDetokenizer
+from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
+from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
+from decoding.verifiers import Verifier
+
+Mode = Literal["speculative", "verifier-only", "drafter-only"]
+MODES: tuple[str, ...] = ("speculative", "verifier-only", "drafter-only")
+MAX_DRAFT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SpecOptions:
+    """Per-request decoding options (the API's ``tandem`` object)."""
+
+    mode: Mode = "speculative"
+    num_draft_tokens: int = 4  # k of the first round
+    min_draft_tokens: int = 1
+    max_draft_tokens: int = 8
+    adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}", "tandem.mode")
+        for name in ("num_draft_tokens", "min_draft_tokens", "max_draft_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= MAX_DRAFT_TOKENS:
+                raise InvalidRequestError(
+                    f"{name} must be an integer in [1, {MAX_DRAFT_TOKENS}], got {value!r}", f"tandem.{name}"
+                )
+        if not self.min_draft_tokens <= self.max_draft_tokens:
+            raise InvalidRequestError(
+                f"min_draft_tokens ({self.min_draft_tokens}) must not exceed max_draft_tokens ({self.max_draft_tokens})",
+                "tandem.min_draft_tokens",
+            )
+
+
+@dataclass
+class GenerationStats:
+    """Per-request statistics; ``to_dict`` is what the API and CLI report."""
+
+    mode: str = "speculative"
+    rounds: int = 0
+    generated_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    #: drafted_per_position[i]: rounds that proposed a draft at position i;
+    #: accepted_per_position[i]: rounds whose draft at position i was accepted.
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    verifier_forward_passes: int = 0
+    drafter_forward_passes: int = 0
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    total_time_s: float = 0.0
+    draft_length: int = 0  # k of the latest round
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def mean_accepted_per_round(self) -> float | None:
+        return self.accepted_tokens / self.rounds if self.rounds else None
+
+    @property
+    def overhead_time_s(self) -> float:
+        return max(0.0, self.total_time_s - self.draft_time_s - self.verify_time_s)
+
+    def record_round(self, k: int, num_accepted: int) -> None:
+        self.rounds += 1
+        self.draft_length = k
+        self.draft_tokens += k
+        self.accepted_tokens += num_accepted
+        grow = k - len(self.drafted_per_position)
+        if grow > 0:
+            self.drafted_per_position += [0] * grow
+            self.accepted_per_position += [0] * grow
+        for i in range(k):
+            self.drafted_per_position[i] += 1
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["acceptance_rate"] = self.acceptance_rate
+        d["mean_accepted_per_round"] = self.mean_accepted_per_round
+        d["overhead_time_s"] = self.overhead_time_s
+        return d
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The output of one round: the tokens it committed and the text now final."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    stats: GenerationStats
+
+
+class AcceptanceTracker:
+    """Chooses k from recent acceptance with the classic cost model.
+
+    With per-token acceptance α and drafter/verifier cost ratio c, a round with
+    k drafts yields (1 - α^(k+1)) / (1 - α) tokens for k·c + 1 verifier-pass
+    equivalents. α is estimated from recent rounds as a truncated geometric
+    (accepted tokens vs. rejections, exponentially decayed), so the choice
+    depends only on the request's own history: a seeded request stays
+    reproducible.
+    """
+
+    def __init__(self, options: SpecOptions, cost_ratio: float, decay: float = 0.7):
+        self.options = options
+        self.cost_ratio = cost_ratio
+        self.decay = decay
+        self.accepted = 2.0  # prior: α ≈ 2/3
+        self.rejected = 1.0
+        self.k = options.num_draft_tokens
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def update(self, k: int, num_accepted: int) -> int:
+        if k == 0 or not self.options.adaptive:
+            return self.k
+        self.accepted = self.decay * self.accepted + num_accepted
+        self.rejected = self.decay * self.rejected + (1.0 if num_accepted < k else 0.0)
+        a = min(self.alpha, 0.999)
+        c = self.cost_ratio
+
+        def speedup(n: int) -> float:
+            return (1 - a ** (n + 1)) / ((1 - a) * (n * c + 1))
+
+        lo, hi = self.options.min_draft_tokens, self.options.max_draft_tokens
+        self.k = max(range(lo, hi + 1), key=lambda n: (round(speedup(n), 9), -n))
+        return self.k
+
+
+class SpeculativeRouter:
+    """Collaborative decoding of one request at a time (many may run concurrently).
+
+    ``drafter`` may be None when only ``verifier-only`` is served.
+    """
+
+    def __init__(
+        self,
+        verifier: Verifier,
+        drafter: Drafter | None,
+        tokenizer: PreTrainedTokenizerBase,
+        options: SpecOptions = SpecOptions(),
+        kernel_backend: kernels.Backend = "auto",
+    ):
+        if drafter is not None and drafter.vocab_size != verifier.vocab_size:
+            raise ValueError(
+                f"drafter vocabulary size {drafter.vocab_size} differs from the verifier's {verifier.vocab_size}"
+            )
+        self.verifier = verifier
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.options = options
+        self.kernel_backend = kernel_backend
+        self.eos_token_id: int | None = tokenizer.eos_token_id
+
+    # -- request checks -------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams, options: SpecOptions) -> None:
+        """Raise InvalidRequestError naming the problem; see also SamplingParams.validate."""
+        if len(prompt_ids) == 0:
+            raise InvalidRequestError("prompt is empty: give at least one token", "prompt")
+        vocab = self.verifier.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})", "prompt")
+        limit = self.verifier.max_context
+        if len(prompt_ids) >= limit:
+            raise InvalidRequestError(
+                f"prompt is {len(prompt_ids)} tokens; this model's maximum context length is {limit} tokens",
+                "prompt",
+                # The gateway maps this to 400 with code "context_length_exceeded".
+            )
+        if len(prompt_ids) + params.max_tokens > limit:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {limit} tokens, but {len(prompt_ids)} prompt tokens "
+                f"+ max_tokens {params.max_tokens} exceed it",
+                "max_tokens",
+            )
+        if options.mode != "verifier-only" and self.drafter is None:
+            raise InvalidRequestError(f"mode {options.mode!r} needs a drafter and none is configured", "tandem.mode")
+
+    # -- the loop --------------------------------------------------------------
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, options: SpecOptions | None = None
+    ) -> Generation:
+        token_ids: list[int] = []
+        text: list[str] = []
+        chunk = None
+        async for chunk in self.stream(prompt_ids, params, options):
+            token_ids += chunk.token_ids
+            text.append(chunk.text)
+        assert chunk is not None and chunk.finish_reason is not None
+        return Generation(list(prompt_ids), token_ids, "".join(text), chunk.finish_reason, chunk.stats)
+
+    async def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams, options: SpecOptions | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Yield one :class:`Chunk` per round until EOS, a stop string or max_tokens.
+
+        Cancelling the consumer (closing the generator) stops within one round
+        and releases both sessions' caches.
+        """
+        options = options or self.options
+        prompt_ids = list(prompt_ids)
+        self.check_request(prompt_ids, params, options)
+        seed = params.seed if params.seed is not None else random.randrange(2**63)
+        generator = torch.Generator().manual_seed(seed)
+        stats = GenerationStats(mode=options.mode)
+        t_start = time.perf_counter()
+
+        verify = await self.verifier.start(prompt_ids) if options.mode != "drafter-only" else None
+        draft = self.drafter.start(prompt_ids, params, generator) if options.mode != "verifier-only" else None
+        tracker = AcceptanceTracker(options, self.drafter.cost_ratio if self.drafter else 0.0)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        limit = min(params.max_tokens, self.verifier.max_context - len(prompt_ids))
+        try:
+            while True:
+                budget = limit - stats.generated_tokens
+                if options.mode == "drafter-only":
+                    t0 = time.perf_counter()
+                    proposal = await draft.propose(1)
+                    stats.draft_time_s += time.perf_counter() - t0
+                    new_tokens, k, num_accepted = proposal.tokens, 0, 0
+                else:
+                    # Every round emits one verifier token, so draft at most budget - 1.
+                    k = min(tracker.k, budget - 1) if options.mode == "speculative" else 0
+                    t0 = time.perf_counter()
+                    proposal = await draft.propose(k) if k > 0 else EMPTY_DRAFT
+                    t1 = time.perf_counter()
+                    logits = await verify.score(proposal.tokens)
+                    t2 = time.perf_counter()
+                    stats.draft_time_s += t1 - t0
+                    stats.verify_time_s += t2 - t1
+                    k = len(proposal.tokens)  # a drafter may propose fewer than asked
+                    new_tokens, num_accepted = self._accept(proposal, logits, params, generator)
+                    stats.record_round(k, num_accepted)
+                    tracker.update(k, num_accepted)
+
+                finish: Literal["stop", "length"] | None = None
+                if not params.ignore_eos and self.eos_token_id in new_tokens:
+                    new_tokens = new_tokens[: new_tokens.index(self.eos_token_id) + 1]
+                    finish = "stop"
+                new_tokens = new_tokens[:budget]
+                stats.generated_tokens += len(new_tokens)
+                text = detok.push(new_tokens)
+                if detok.stopped:
+                    finish = "stop"
+                elif finish is None and stats.generated_tokens >= limit:
+                    finish = "length"
+                elif not new_tokens:  # drafter-only with a drafter that has nothing to say
+                    finish = "stop"
+                if finish is not None:
+                    text += detok.flush()
+                else:
+                    if verify is not None:
+                        verify.extend(new_tokens)
+                    if draft is not None:
+                        draft.extend(new_tokens)
+                stats.verifier_forward_passes = verify.forward_passes if verify else 0
+                stats.drafter_forward_passes = draft.forward_passes if draft else 0
+                stats.total_time_s = time.perf_counter() - t_start
+                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, stats=stats)
+                if finish is not None:
+                    return
+        finally:
+            if verify is not None:
+                await verify.close()
+            if draft is not None:
+                await draft.close()
+
+    def _accept(
+        self, proposal: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
+    ) -> tuple[list[int], int]:
+        """Run the verification maths on one row. logits: [k+1, V] -> (tokens, accepted)."""
+        k = len(proposal.tokens)
+        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long).reshape(1, k)
+        lens = torch.tensor([k], dtype=torch.long)
+        if params.greedy:
+            target, q = logits[None], None
+        else:
+            target = logits_to_probs(logits, params)[None]
+            if proposal.probs is not None:
+                q = proposal.probs[None]
+            else:  # deterministic proposal: q is one-hot at the proposed token
+                q = torch.nn.functional.one_hot(draft_tokens, target.shape[-1]).float()
+        result = kernels.verify_drafts(draft_tokens, lens, target, q, generator, backend=self.kernel_backend)
+        n = int(result.num_accepted[0])
+        return result.tokens[0, : n + 1].tolist(), n
+
+
+def classic_speedup(alpha: float, k: float, cost_ratio: float) -> float:
+    """Expected speedup of speculative decoding (Leviathan et al. 2023, eq. 1 with c)."""
+    if alpha >= 1:
+        return (k + 1) / (k * cost_ratio + 1)
+    return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * cost_ratio + 1))
+
+
+__all__ = [
+    "Chunk",
+    "Generation",
+    "GenerationStats",
+    "MODES",
+    "Mode",
+    "SpecOptions",
+    "SpeculativeRouter",
+    "classic_speedup",
+]
