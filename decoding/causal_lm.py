@@ -17,6 +17,10 @@ from typing import TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+# Loading a local model takes well under a second; its progress bar is noise.
+hf_logging.disable_progress_bar()
 
 T = TypeVar("T")
 
@@ -132,7 +136,7 @@ class CachedSequence:
         row i is the distribution of the token following ``tokens[len-keep+i]``.
         """
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.lm.device)
-        out = self.lm.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        out = self.lm.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
         self.cached.extend(tokens)
         self.forward_passes += 1
         return out.logits[0].float()

@@ -1,0 +1,81 @@
+"""Build the decoding core (drafter, verifier, router) that the settings describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from decoding.causal_lm import CausalLM, check_same_vocabulary, load_tokenizer
+from decoding.default_models import default_pair
+from decoding.drafters import Drafter, HFDrafter, NgramDrafter
+from decoding.speculative import SpecOptions, SpeculativeRouter
+from decoding.verifiers import HFVerifier, Verifier
+from service.config import TandemSettings
+
+
+@dataclass
+class Backends:
+    router: SpeculativeRouter
+    verifier: Verifier
+    drafter: Drafter | None
+    tokenizer: PreTrainedTokenizerBase
+
+    async def aclose(self) -> None:
+        await self.verifier.aclose()
+        if self.drafter is not None and self.drafter is not self.verifier:
+            await self.drafter.aclose()
+
+
+def spec_options(settings: TandemSettings) -> SpecOptions:
+    return SpecOptions(
+        mode=settings.mode,
+        num_draft_tokens=settings.num_draft_tokens,
+        min_draft_tokens=settings.min_draft_tokens,
+        max_draft_tokens=settings.max_draft_tokens,
+        adaptive=settings.adaptive_draft,
+    )
+
+
+def build_backends(settings: TandemSettings) -> Backends:
+    """Load the models and wire the router; raises ModelLoadError with a clear message."""
+    verifier_path, drafter_path = settings.verifier, settings.drafter
+    if verifier_path is None or drafter_path is None:
+        default_verifier, default_drafter = default_pair()
+        verifier_path = verifier_path or str(default_verifier)
+        drafter_path = drafter_path or str(default_drafter)
+    dtype = getattr(torch, settings.dtype)
+
+    verifier: Verifier
+    if settings.remote_verifier:
+        from decoding.vllm_verifier import VLLMVerifier  # the remote backend is optional
+
+        tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
+        verifier = VLLMVerifier.from_settings(settings, tokenizer)
+        verifier_lm = None
+    else:
+        verifier_lm = CausalLM(verifier_path, dtype=dtype, device=settings.device)
+        verifier = HFVerifier(verifier_lm)
+        tokenizer = load_tokenizer(settings.tokenizer or verifier_path)
+
+    drafter: Drafter | None
+    if drafter_path == "ngram":
+        drafter = NgramDrafter(verifier.vocab_size)
+    else:
+        check_same_vocabulary(load_tokenizer(drafter_path), tokenizer, drafter_path, str(verifier_path))
+        drafter_lm = CausalLM(drafter_path, dtype=dtype, device=settings.device)
+        if verifier_lm is not None and drafter_lm.vocab_size != verifier_lm.vocab_size:
+            from decoding.causal_lm import ModelLoadError
+
+            raise ModelLoadError(
+                f"drafter {drafter_path!r} has {drafter_lm.vocab_size} output logits but the verifier has "
+                f"{verifier_lm.vocab_size}; they must share one vocabulary"
+            )
+        ratio = settings.draft_cost_ratio
+        if ratio is None:
+            ratio = drafter_lm.num_parameters / verifier_lm.num_parameters if verifier_lm else 0.1
+        drafter = HFDrafter(drafter_lm, cost_ratio=ratio)
+
+    router = SpeculativeRouter(verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend)
+    return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer)

@@ -1,0 +1,160 @@
+"""The ``tandem`` command line.
+
+Each subcommand imports its module only when it runs, so ``tandem --help``
+stays fast and optional parts (vLLM, Triton, matplotlib) load only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from service.config import ConfigError, TandemSettings
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML settings file (TANDEM_* env vars override it)")
+    p.add_argument(
+        "--verifier",
+        metavar="DIR|URL",
+        help="verifier model directory, or http://host:port of a vLLM/tandem verifier (default: the demo pair)",
+    )
+    p.add_argument("--drafter", metavar="DIR|ngram", help="drafter model directory, or 'ngram' (default: the demo pair)")
+    p.add_argument("--device", help="torch device for in-process models (default: cpu)")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=["speculative", "verifier-only", "drafter-only"], help="decoding mode")
+    p.add_argument("--num-draft-tokens", type=int, metavar="K", help="initial draft length k")
+    p.add_argument("--min-draft-tokens", type=int, metavar="K", help="lower bound of the adaptive draft length")
+    p.add_argument("--max-draft-tokens", type=int, metavar="K", help="upper bound of the adaptive draft length")
+    p.add_argument("--no-adaptive", dest="adaptive_draft", action="store_const", const=False, help="keep k fixed")
+
+
+def _settings(args: argparse.Namespace, *names: str) -> TandemSettings:
+    overrides = {n: getattr(args, n, None) for n in names}
+    return TandemSettings.load(getattr(args, "config", None), **overrides)
+
+
+MODEL_SETTINGS = ("verifier", "drafter", "device")
+DECODING_SETTINGS = ("mode", "num_draft_tokens", "min_draft_tokens", "max_draft_tokens", "adaptive_draft")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from decoding.sampling import SamplingParams
+    from service.backends import build_backends
+
+    settings = _settings(args, *MODEL_SETTINGS, *DECODING_SETTINGS)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+        ignore_eos=args.ignore_eos,
+    )
+    backends = build_backends(settings)
+
+    async def run() -> int:
+        router = backends.router
+        prompt_ids = router.encode(args.prompt)
+        try:
+            if args.json:
+                gen = await router.generate(prompt_ids, params)
+                out = {"text": gen.text, "token_ids": gen.token_ids, "finish_reason": gen.finish_reason}
+                out["stats"] = gen.stats.to_dict()
+                print(json.dumps(out))
+            else:
+                stats = None
+                async for chunk in router.stream(prompt_ids, params):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    stats = chunk.stats
+                sys.stdout.write("\n")
+                if stats is not None and not args.quiet:
+                    rate = stats.acceptance_rate
+                    print(
+                        f"[{stats.mode}] {stats.generated_tokens} tokens in {stats.total_time_s:.2f}s "
+                        f"({stats.generated_tokens / max(stats.total_time_s, 1e-9):.1f} tok/s), {stats.rounds} rounds, "
+                        f"acceptance {'n/a' if rate is None else f'{rate:.2f}'}",
+                        file=sys.stderr,
+                    )
+        finally:
+            await backends.aclose()
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.server import serve
+
+    names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
+    settings = _settings(args, *names)
+    return serve(settings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tandem",
+        description="Collaborative decoding: a small edge drafter and a large verifier produce text together. "
+        "Greedy output is token-identical to the verifier alone; sampled output has its exact distribution.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate a completion for one prompt",
+        description="Generate text for one prompt with the decoding core, in-process.",
+    )
+    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
+    g.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
+    _add_model_args(g)
+    _add_decoding_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible gateway",
+        description="Serve /v1/completions and /v1/chat/completions (OpenAI-compatible), /health, /ready, /metrics. "
+        "Every setting can also come from TANDEM_* environment variables or --config FILE.",
+    )
+    _add_model_args(s)
+    _add_decoding_args(s)
+    s.add_argument("--host", help="bind address (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default: 8000)")
+    s.add_argument("--max-concurrency", type=int, help="generations running at once (default: 4)")
+    s.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default: 16)")
+    s.add_argument("--log-json", action="store_const", const=True, help="JSON-lines logs")
+    s.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from decoding.causal_lm import ModelLoadError
+    from decoding.sampling import InvalidRequestError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError, InvalidRequestError) as exc:
+        print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
