@@ -81,7 +81,7 @@ class GenerationStats:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
-    draft_length: int = 0  # k of the latest round
+    draft_length: int = 0  # the adaptive k the next round would draft
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -97,7 +97,6 @@ class GenerationStats:
 
     def record_round(self, k: int, num_accepted: int) -> None:
         self.rounds += 1
-        self.draft_length = k
         self.draft_tokens += k
         self.accepted_tokens += num_accepted
         grow = k - len(self.drafted_per_position)
@@ -285,7 +284,7 @@ class SpeculativeRouter:
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
                     new_tokens, num_accepted = self._accept(proposal, logits, params, generator)
                     stats.record_round(k, num_accepted)
-                    tracker.update(k, num_accepted)
+                    stats.draft_length = tracker.update(k, num_accepted) if options.mode == "speculative" else 0
 
                 finish: Literal["stop", "length"] | None = None
                 if not params.ignore_eos and self.eos_token_id in new_tokens:

@@ -48,3 +48,28 @@ def small_vocab_pair(tmp_path_factory) -> tuple[Path, Path]:
     verifier = build_model(root / "verifier", tokenizer, TinySpec(16, 2, 2, 1, logit_scale=40.0), seed=11)
     drafter = build_model(root / "drafter", tokenizer, TinySpec(16, 1, 2, 1, logit_scale=40.0), seed=12)
     return verifier, drafter
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_verifier_dir):
+    from decoding.causal_lm import load_tokenizer
+
+    return load_tokenizer(tiny_verifier_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_verifier_lm(tiny_verifier_dir):
+    from decoding.causal_lm import CausalLM
+
+    lm = CausalLM(tiny_verifier_dir)
+    yield lm
+    lm.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter_lm(tiny_drafter_dir):
+    from decoding.causal_lm import CausalLM
+
+    lm = CausalLM(tiny_drafter_dir)
+    yield lm
+    lm.close()

@@ -1,0 +1,312 @@
+"""The speculative router is lossless: identical greedy tokens, exact sampling distribution."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from decoding.causal_lm import CausalLM, load_tokenizer
+from decoding.drafters import HFDrafter, NgramDrafter
+from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
+from decoding.speculative import SpecOptions, SpeculativeRouter
+from decoding.verifiers import HFVerifier
+from tests.stats_helpers import chi2_pvalue
+
+PROMPTS = [
+    "def main():",
+    "import os\nimport sys\n",
+    "class Foo(Bar):\n    def __init__(self",
+    "x = [i * i for i in range(",
+    "for i in range(10):\n    for i in range(10):\n        for i in range(",
+    "return self._value\n\nreturn self._value\n\nreturn self.",
+]
+VERIFIER_ONLY = SpecOptions(mode="verifier-only")
+
+
+def generate(router, prompt_ids, params, options=None):
+    return asyncio.run(router.generate(prompt_ids, params, options))
+
+
+@pytest.fixture(scope="module")
+def hf_verifier(tiny_verifier_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_verifier_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def drafters(tiny_verifier_lm, tiny_drafter_lm):
+    return {
+        # Random weights unrelated to the verifier's: acceptance near 0.
+        "bad": HFDrafter(tiny_drafter_lm, cost_ratio=0.1),
+        # The verifier drafting for itself: acceptance exactly 1.
+        "perfect": HFDrafter(tiny_verifier_lm, cost_ratio=0.05),
+        "ngram": NgramDrafter(tiny_verifier_lm.vocab_size),
+    }
+
+
+@pytest.mark.parametrize("drafter_name", ["bad", "perfect", "ngram"])
+@pytest.mark.parametrize("options", [SpecOptions(), SpecOptions(num_draft_tokens=1, adaptive=False),
+                                     SpecOptions(num_draft_tokens=7, max_draft_tokens=7, adaptive=False)],
+                         ids=["adaptive", "k1", "k7"])
+def test_greedy_speculative_is_token_identical(drafter_name, options, drafters, tiny_verifier_lm, tiny_tokenizer, hf_verifier):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafters[drafter_name], tiny_tokenizer, options)
+    params = SamplingParams(max_tokens=40)
+    accepted = drafted = 0
+    for prompt in PROMPTS:
+        ids = tiny_tokenizer.encode(prompt)
+        expected = hf_verifier.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+        plain = generate(router, ids, params, VERIFIER_ONLY)
+        spec = generate(router, ids, params)
+        assert plain.token_ids == expected
+        assert spec.token_ids == expected, prompt
+        assert spec.text == plain.text
+        accepted += spec.stats.accepted_tokens
+        drafted += spec.stats.draft_tokens
+        # One verifier pass per round, however many tokens a round emits.
+        assert spec.stats.verifier_forward_passes == spec.stats.rounds
+    rate = accepted / drafted
+    if drafter_name == "perfect":
+        assert rate == 1.0
+    elif drafter_name == "bad":
+        assert rate < 0.2
+    else:
+        assert 0 < rate < 1  # the repetitive prompts give prompt lookup something to copy
+
+
+def test_drafter_only_is_the_drafters_own_greedy_output(tiny_verifier_lm, tiny_drafter_lm, tiny_drafter_dir, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_drafter_dir).eval()
+    ids = tiny_tokenizer.encode(PROMPTS[0])
+    out = generate(router, ids, SamplingParams(max_tokens=20), SpecOptions(mode="drafter-only"))
+    assert out.token_ids == hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert out.stats.verifier_forward_passes == 0
+
+
+# -- sampling ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_vocab(small_vocab_pair):
+    verifier_dir, drafter_dir = small_vocab_pair
+    vlm, dlm = CausalLM(verifier_dir), CausalLM(drafter_dir)
+    return vlm, dlm, load_tokenizer(verifier_dir)
+
+
+def exact_distribution(lm: CausalLM, prompt: list[int], length: int, params: SamplingParams) -> dict[tuple, float]:
+    """The verifier's exact distribution over all continuations of ``length`` tokens."""
+    V = lm.vocab_size
+    dist = {}
+    with torch.inference_mode():
+        for seq in itertools.product(range(V), repeat=length):
+            ids = torch.tensor([prompt + list(seq)])
+            logits = lm.model(ids).logits[0, len(prompt) - 1 : -1]  # [length, V]
+            probs = logits_to_probs(logits, params)
+            dist[seq] = float(torch.prod(probs[torch.arange(length), torch.tensor(seq)]))
+    return dist
+
+
+@pytest.mark.parametrize(
+    "params, samples",
+    [
+        (SamplingParams(max_tokens=3, temperature=1.0), 3000),
+        (SamplingParams(max_tokens=3, temperature=0.7, top_k=3), 1500),
+        (SamplingParams(max_tokens=3, temperature=1.3, top_p=0.8), 1500),
+    ],
+    ids=["plain", "top_k", "top_p"],
+)
+def test_sampling_matches_the_verifiers_exact_sequence_distribution(params, samples, small_vocab):
+    """Chi-square goodness of fit of sampled 3-token continuations against the
+    verifier's enumerated distribution (125 sequences). Fixed seeds make the
+    test deterministic; it fails at p < 1e-3 (a biased router fails by far)."""
+    vlm, dlm, tokenizer = small_vocab
+    prompt = tokenizer.encode("w1 w3")
+    exact = exact_distribution(vlm, prompt, 3, params)
+    cells = sorted(exact)
+    router = SpeculativeRouter(HFVerifier(vlm), HFDrafter(dlm), tokenizer, SpecOptions(num_draft_tokens=2))
+
+    async def sample_all(options):
+        counts = dict.fromkeys(cells, 0)
+        rounds = accepted = drafted = 0
+        for seed in range(samples):
+            p = SamplingParams(max_tokens=3, temperature=params.temperature, top_k=params.top_k,
+                               top_p=params.top_p, seed=seed, ignore_eos=True)
+            gen = await router.generate(prompt, p, options)
+            counts[tuple(gen.token_ids)] += 1
+            rounds += gen.stats.rounds
+            accepted += gen.stats.accepted_tokens
+            drafted += gen.stats.draft_tokens
+        return counts, accepted, drafted
+
+    counts, accepted, drafted = asyncio.run(sample_all(None))
+    expected = [exact[c] for c in cells]
+    assert chi2_pvalue([counts[c] for c in cells], expected) > 1e-3
+    # The pair disagrees: there were rejections (and so resampling) as well as acceptances.
+    assert 0.1 < accepted / drafted < 0.95
+
+
+def test_seeded_sampling_is_reproducible(tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    ids = tiny_tokenizer.encode(PROMPTS[1])
+    a = generate(router, ids, SamplingParams(max_tokens=30, temperature=0.9, seed=1234))
+    b = generate(router, ids, SamplingParams(max_tokens=30, temperature=0.9, seed=1234))
+    c = generate(router, ids, SamplingParams(max_tokens=30, temperature=0.9, seed=4321))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+# -- caches ----------------------------------------------------------------------
+
+
+def test_cache_after_rollbacks_equals_a_fresh_forward(tiny_verifier_lm):
+    """Feed drafts, roll back to random accepted prefixes, and compare the KV
+    cache with one built by a single forward pass over the accepted prefix."""
+    lm = tiny_verifier_lm
+    g = torch.Generator().manual_seed(0)
+    seq = lm.sequence(torch.randint(0, lm.vocab_size, (17,), generator=g).tolist())
+    for _ in range(12):
+        draft = torch.randint(0, lm.vocab_size, (5,), generator=g).tolist()
+        seq.feed(seq.pending() + draft, keep=6)
+        accepted = int(torch.randint(0, 6, (1,), generator=g))
+        correction = int(torch.randint(0, lm.vocab_size, (1,), generator=g))
+        seq.extend(draft[:accepted] + [correction])
+        assert seq.cached == seq.ids[: len(seq.cached)]
+        assert len(seq.cached) >= len(seq.ids) - 1 - 1  # only the last round's tail is missing
+
+    fresh = lm.sequence(seq.ids)
+    fresh.feed(seq.cached, keep=1)
+    for mine, ref in zip(seq.cache.layers, fresh.cache.layers):
+        torch.testing.assert_close(mine.keys, ref.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.values, ref.values, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        full = lm.model(torch.tensor([seq.ids])).logits[0, -1]
+    torch.testing.assert_close(seq.feed(seq.pending(), keep=1)[0], full, rtol=1e-4, atol=1e-4)
+
+
+def test_drafter_does_not_recompute_the_context(tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    """Each round feeds the drafter only the tokens its cache lacks."""
+    fed = []
+    original = tiny_drafter_lm.model.forward
+
+    def spy(*args, **kwargs):
+        fed.append(kwargs["input_ids"].shape[1])
+        return original(*args, **kwargs)
+
+    tiny_drafter_lm.model.forward = spy
+    try:
+        router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer,
+                                   SpecOptions(num_draft_tokens=4, adaptive=False))
+        ids = tiny_tokenizer.encode(PROMPTS[2])
+        generate(router, ids, SamplingParams(max_tokens=30))
+    finally:
+        tiny_drafter_lm.model.forward = original
+    assert fed[0] == len(ids)  # the prefill
+    assert max(fed[1:]) <= 2  # then at most [last accepted draft, correction/bonus]
+
+
+# -- stopping --------------------------------------------------------------------
+
+
+def test_stop_string_cuts_text_and_streaming_matches(tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    ids = tiny_tokenizer.encode(PROMPTS[0])
+    full = generate(router, ids, SamplingParams(max_tokens=60)).text
+    # A printable 3-character stop string from the middle of the output.
+    start = next(i for i in range(10, len(full) - 3) if full[i : i + 3].isascii() and full[i : i + 3].isprintable())
+    stop = full[start : start + 3]
+    cut = full.index(stop)
+
+    async def stream():
+        return [c async for c in router.stream(ids, SamplingParams(max_tokens=60, stop=(stop, "never-seen")))]
+
+    chunks = asyncio.run(stream())
+    assert "".join(c.text for c in chunks) == full[:cut]
+    assert chunks[-1].finish_reason == "stop"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+
+
+def test_eos_stops_generation_and_is_kept_in_token_ids(tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    ids = tiny_tokenizer.encode(PROMPTS[3])
+    free = generate(router, ids, SamplingParams(max_tokens=30))
+    router.eos_token_id = free.token_ids[7]  # pretend this token is the end of text
+    first = free.token_ids.index(router.eos_token_id)
+    out = generate(router, ids, SamplingParams(max_tokens=30))
+    assert out.token_ids == free.token_ids[: first + 1]
+    assert out.finish_reason == "stop"
+    ignored = generate(router, ids, SamplingParams(max_tokens=30, ignore_eos=True))
+    assert ignored.token_ids == free.token_ids
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 13])
+def test_max_tokens_is_exact_even_mid_round(max_tokens, tiny_verifier_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_verifier_lm, cost_ratio=0.01),
+                               tiny_tokenizer, SpecOptions(num_draft_tokens=8, max_draft_tokens=8))
+    out = generate(router, tiny_tokenizer.encode(PROMPTS[0]), SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    assert len(out.token_ids) == max_tokens
+    assert out.finish_reason == "length"
+
+
+# -- adaptive draft length ----------------------------------------------------------
+
+
+def test_adaptive_draft_length_follows_acceptance(drafters, tiny_verifier_lm, tiny_tokenizer):
+    options = SpecOptions(num_draft_tokens=3, min_draft_tokens=1, max_draft_tokens=8)
+    ids = tiny_tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    good = generate(SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafters["perfect"], tiny_tokenizer, options), ids, params)
+    bad = generate(SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafters["bad"], tiny_tokenizer, options), ids, params)
+    assert len(good.stats.drafted_per_position) == 8  # grew to the upper bound
+    assert bad.stats.draft_length == 1  # shrank to the lower bound
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-3), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_invalid_sampling_params_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param
+    assert param in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param", [(dict(mode="fast"), "tandem.mode"), (dict(num_draft_tokens=0), "tandem.num_draft_tokens"),
+                      (dict(min_draft_tokens=5, max_draft_tokens=2), "tandem.min_draft_tokens")],
+)
+def test_invalid_spec_options_name_the_parameter(kwargs, param):
+    with pytest.raises(InvalidRequestError) as err:
+        SpecOptions(**kwargs)
+    assert err.value.param == param
+
+
+def test_bad_prompts_fail_clearly_and_the_router_keeps_working(tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    limit = tiny_verifier_lm.max_context
+    cases = [
+        ([], SamplingParams(), "prompt", "empty"),
+        ([1] * limit, SamplingParams(), "prompt", "maximum context length"),
+        ([1] * (limit - 10), SamplingParams(max_tokens=20), "max_tokens", "maximum context length"),
+        ([1, tiny_verifier_lm.vocab_size], SamplingParams(), "prompt", "outside the vocabulary"),
+        ([1, -2], SamplingParams(), "prompt", "outside the vocabulary"),
+    ]
+    for ids, params, param, words in cases:
+        with pytest.raises(InvalidRequestError, match=words) as err:
+            generate(router, ids, params)
+        assert err.value.param == param
+    assert len(generate(router, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)).token_ids) == 5
