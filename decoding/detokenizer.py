@@ -50,12 +50,11 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self._read_offset = len(self.ids)
         self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
-        for s in self.stop:
-            at = self.text.find(s, search_from)
-            if at != -1:
-                self.text = self.text[:at]
-                self.stopped = True
-                return self._release(final=True)
+        hits = [at for s in self.stop if (at := self.text.find(s, search_from)) != -1]
+        if hits:  # the earliest stop string wins
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self._release(final=True)
         return self._release(final=False)
 
     def flush(self) -> str:
