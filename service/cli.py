@@ -93,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.server import serve
 
     names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
+    names += ("model_name", "api_keys", "request_timeout_s", "shutdown_grace_s", "default_max_tokens", "log_level")
     settings = _settings(args, *names)
     return serve(settings)
 
@@ -137,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-concurrency", type=int, help="generations running at once (default: 4)")
     s.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default: 16)")
     s.add_argument("--log-json", action="store_const", const=True, help="JSON-lines logs")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default: info)")
+    s.add_argument("--model-name", help="model id served on /v1/models and expected in requests (default: tandem)")
+    s.add_argument(
+        "--api-key", dest="api_keys", action="append", metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; prefer TANDEM_API_KEYS=k1,k2: "
+        "arguments are visible to other local users)",
+    )  # fmt: skip
+    s.add_argument("--request-timeout", dest="request_timeout_s", type=float, metavar="S",
+                   help="per-request timeout in seconds, queueing included (default: 300)")  # fmt: skip
+    s.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, metavar="S",
+                   help="on SIGTERM, seconds in-flight requests may finish before being cut off (default: 10)")  # fmt: skip
+    s.add_argument("--default-max-tokens", type=int, metavar="N",
+                   help="max_tokens of requests that set none (default: 16 for completions, context end for chat)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
     return parser
 

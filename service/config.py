@@ -63,6 +63,10 @@ class TandemSettings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0)
     shutdown_grace_s: float = Field(10.0, ge=0)
     max_prompt_tokens: int | None = Field(None, ge=1)
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens of a request that sets none. Default: OpenAI's, 16 for completions and "
+        "up to the context end for chat; never beyond the context."
+    )
     log_json: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = Field(False, description="Log prompts and outputs. Off by default: the data is private.")

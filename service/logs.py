@@ -1,0 +1,135 @@
+"""Structured logs: one line per request, optionally JSON.
+
+The request line carries its id, method, route, status, mode, token counts and
+latencies. Prompts and outputs are private: they appear only with
+``log_prompts: true``, and the ``user`` field never does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ACCESS_LOGGER = "tandem.access"
+_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, then the record's ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: msg key=value ...``"""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line += "".join(f" {k}={_text_value(v)}" for k, v in fields.items() if v is not None)
+        return line
+
+
+def _text_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, str) and (" " in v or not v or '"' in v or "\n" in v):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v)
+
+
+def configure_logging(level: str = "info", json_lines: bool = False, stream: Any = None) -> None:
+    """Route tandem's and uvicorn's loggers to one handler on stderr."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    for name in ("tandem", "uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+        lg.setLevel(level.upper())
+    # The per-request line below replaces uvicorn's access log.
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+@dataclass
+class RequestRecord:
+    """What the request log line and the request metrics need; filled in as the request runs."""
+
+    request_id: str
+    method: str
+    path: str
+    t_start: float = field(default_factory=time.perf_counter)
+    status: int | None = None
+    route: str = "other"
+    mode: str = ""
+    stream: bool | None = None
+    n: int | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reasons: list[str] = field(default_factory=list)
+    ttft_s: float | None = None
+    queue_s: float | None = None
+    aborted: str | None = None  # disconnect, timeout, shutdown
+    error: Any = None  # service.errors.APIError
+    prompt: Any = None  # only kept when log_prompts
+    output: Any = None
+
+    def fields(self, log_prompts: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "route": self.route,
+            "status": self.status,
+            "latency_s": round(time.perf_counter() - self.t_start, 6),
+        }
+        if self.mode:
+            out["mode"] = self.mode
+        for name in ("stream", "n", "prompt_tokens", "completion_tokens", "ttft_s", "queue_s", "aborted"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = round(value, 6) if isinstance(value, float) else value
+        if self.finish_reasons:
+            out["finish_reason"] = ",".join(sorted(set(self.finish_reasons)))
+        if self.error is not None:
+            out["error_type"] = self.error.type
+            if self.error.code:
+                out["error_code"] = self.error.code
+            if self.error.param:
+                out["error_param"] = self.error.param
+        if log_prompts:
+            if self.prompt is not None:
+                out["prompt"] = self.prompt
+            if self.output is not None:
+                out["output"] = self.output
+        return out
+
+
+def log_request(record: RequestRecord, log_prompts: bool = False) -> None:
+    logger = logging.getLogger(ACCESS_LOGGER)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info("request", extra={"fields": record.fields(log_prompts)})

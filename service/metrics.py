@@ -1,0 +1,208 @@
+"""Every ``tandem_*`` Prometheus metric, in one place.
+
+Conventions (see docs/gateway.md): names carry their unit (``_seconds``,
+``_tokens``) and counters end in ``_total``; histogram bucket edges are vLLM's,
+so dashboards and SLOs written for vLLM line up; the speculative-decoding
+counters mirror vLLM's ``spec_decode_*``. Labels stay bounded: route (the
+route template, or ``other``), status, mode (3 values), finished_reason,
+reason, position (< 32). Never request ids, prompts or users.
+
+Each app owns its :class:`Metrics` with its own ``CollectorRegistry``, so a
+test can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from decoding.speculative import GenerationStats
+
+# vLLM's bucket edges (vllm/v1/metrics/loggers.py).
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+    1920.0, 7680.0,
+)  # fmt: skip
+# One verify round is one verifier pass: it lives on the inter-token scale, with a finer low end
+# (an in-process CPU pass of a small model takes a few milliseconds).
+VERIFY_ROUND_BUCKETS = (0.001, 0.0025, 0.005, *ITL_BUCKETS)
+ACCEPTED_PER_ROUND_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None, process_metrics: bool = True):
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
+        if process_metrics:
+            # process_resident_memory_bytes & co.: what a soak test watches.
+            ProcessCollector(registry=registry)
+
+        # -- requests ------------------------------------------------------------
+        self.requests = Counter(
+            "tandem_requests_total",
+            "HTTP requests answered, by route template, status code and decoding mode ('' off the generation routes).",
+            ["route", "status", "mode"],
+            registry=registry,
+        )
+        self.requests_finished = Counter(
+            "tandem_requests_finished_total",
+            "Generations (one per choice) finished, by finished_reason: stop, length, abort (client disconnect, "
+            "timeout, shutdown) or error.",
+            ["finished_reason", "mode"],
+            registry=registry,
+        )
+        self.requests_rejected = Counter(
+            "tandem_requests_rejected_total",
+            "Requests refused before generating, by reason: queue_full, unauthorized, invalid, not_found, "
+            "context_length, shutting_down, timeout.",
+            ["reason"],
+            registry=registry,
+        )
+        self.requests_running = Gauge(
+            "tandem_requests_running", "Generations running now (slots in use).", registry=registry
+        )
+        self.requests_waiting = Gauge(
+            "tandem_requests_waiting", "Requests waiting in the queue for a slot.", registry=registry
+        )
+        self.max_concurrency = Gauge(
+            "tandem_max_concurrency", "Configured number of generation slots.", registry=registry
+        )
+
+        # -- latency ---------------------------------------------------------------
+        self.time_to_first_token = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "From request arrival (queueing included) to the first generated token, per choice.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token_latency = Histogram(
+            "tandem_inter_token_latency_seconds",
+            "Per token: the gap between two rounds divided evenly over the tokens the later round emitted.",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e_latency = Histogram(
+            "tandem_e2e_request_latency_seconds",
+            "From request arrival to the end of its last generation.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            "tandem_request_queue_time_seconds",
+            "Time a request waited for a generation slot.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.verify_round_latency = Histogram(
+            "tandem_verify_round_latency_seconds",
+            "Verifier time of one round (one verifier pass over context tail + draft).",
+            buckets=VERIFY_ROUND_BUCKETS,
+            registry=registry,
+        )
+        self.accepted_per_round = Histogram(
+            "tandem_accepted_tokens_per_round",
+            "Draft tokens accepted in one round, over rounds that drafted (k > 0).",
+            buckets=ACCEPTED_PER_ROUND_BUCKETS,
+            registry=registry,
+        )
+
+        # -- tokens ------------------------------------------------------------------
+        self.prompt_tokens = Counter(
+            "tandem_prompt_tokens_total", "Prompt tokens processed (once per prompt).", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "tandem_generation_tokens_total",
+            "Tokens generated (the usage's completion_tokens), by mode.",
+            ["mode"],
+            registry=registry,
+        )
+        self.draft_length = Gauge(
+            "tandem_draft_length_tokens", "Draft length k of the latest speculative round.", registry=registry
+        )
+        # vLLM's spec_decode_* counters, same meaning.
+        self.spec_num_drafts = Counter(
+            "tandem_spec_decode_num_drafts_total", "Rounds that proposed a draft (k > 0).", registry=registry
+        )
+        self.spec_num_draft_tokens = Counter(
+            "tandem_spec_decode_num_draft_tokens_total", "Draft tokens proposed.", registry=registry
+        )
+        self.spec_num_accepted_tokens = Counter(
+            "tandem_spec_decode_num_accepted_tokens_total", "Draft tokens accepted by the verifier.", registry=registry
+        )
+        self.spec_accepted_per_pos = Counter(
+            "tandem_spec_decode_num_accepted_tokens_per_pos_total",
+            "Accepted draft tokens by draft position (0 = first drafted token).",
+            ["position"],
+            registry=registry,
+        )
+
+        # -- backends (hooks for the remote verifier, fallbacks and split mode) --------
+        self.verifier_errors = Counter(
+            "tandem_verifier_errors_total",
+            "Verifier failures seen by the gateway, by kind (unavailable, timeout, protocol, other).",
+            ["kind"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "tandem_fallbacks_total",
+            "Generations that switched decoding path, by reason (e.g. verifier_unavailable -> drafter-only).",
+            ["reason"],
+            registry=registry,
+        )
+
+    # -- helpers used by the gateway ------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe_round(self, stats: GenerationStats, snapshot: RoundSnapshot) -> None:
+        """Record what one round (one router chunk) added to ``stats``."""
+        rounds = stats.rounds - snapshot.rounds
+        if rounds <= 0:
+            return
+        k = stats.draft_tokens - snapshot.draft_tokens
+        accepted = stats.accepted_tokens - snapshot.accepted_tokens
+        self.verify_round_latency.observe((stats.verify_time_s - snapshot.verify_time_s) / rounds)
+        if k > 0:
+            self.spec_num_drafts.inc(rounds)
+            self.spec_num_draft_tokens.inc(k)
+            self.accepted_per_round.observe(accepted)
+            self.draft_length.set(stats.draft_length)
+            if accepted > 0:
+                self.spec_num_accepted_tokens.inc(accepted)
+                per_pos = stats.accepted_per_position
+                old = snapshot.accepted_per_position
+                for pos in range(len(per_pos)):
+                    delta = per_pos[pos] - (old[pos] if pos < len(old) else 0)
+                    if delta > 0:
+                        self.spec_accepted_per_pos.labels(position=str(pos)).inc(delta)
+        snapshot.update(stats)
+
+
+class RoundSnapshot:
+    """The cumulative counters of a generation at its previous round."""
+
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "verify_time_s", "accepted_per_position")
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
+        self.verify_time_s = 0.0
+        self.accepted_per_position: list[int] = []
+
+    def update(self, stats: GenerationStats) -> None:
+        self.rounds = stats.rounds
+        self.draft_tokens = stats.draft_tokens
+        self.accepted_tokens = stats.accepted_tokens
+        self.verify_time_s = stats.verify_time_s
+        self.accepted_per_position = list(stats.accepted_per_position)
