@@ -72,6 +72,7 @@ class GenerationStats:
     generated_tokens: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    fully_accepted_rounds: int = 0  # rounds whose whole draft was accepted (bonus token)
     #: drafted_per_position[i]: rounds that proposed a draft at position i;
     #: accepted_per_position[i]: rounds whose draft at position i was accepted.
     drafted_per_position: list[int] = field(default_factory=list)
@@ -88,6 +89,14 @@ class GenerationStats:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
+    def alpha(self) -> float | None:
+        """Per-token acceptance probability, estimated as a truncated geometric:
+        accepted tokens / (accepted tokens + rejections). Unlike the acceptance
+        rate it does not count drafts after a rejection, which were never tested."""
+        rejections = self.rounds - self.fully_accepted_rounds
+        return self.accepted_tokens / (self.accepted_tokens + rejections) if self.draft_tokens else None
+
+    @property
     def mean_accepted_per_round(self) -> float | None:
         return self.accepted_tokens / self.rounds if self.rounds else None
 
@@ -97,6 +106,7 @@ class GenerationStats:
 
     def record_round(self, k: int, num_accepted: int) -> None:
         self.rounds += 1
+        self.fully_accepted_rounds += num_accepted == k
         self.draft_tokens += k
         self.accepted_tokens += num_accepted
         grow = k - len(self.drafted_per_position)
@@ -111,6 +121,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["acceptance_rate"] = self.acceptance_rate
+        d["alpha"] = self.alpha
         d["mean_accepted_per_round"] = self.mean_accepted_per_round
         d["overhead_time_s"] = self.overhead_time_s
         return d

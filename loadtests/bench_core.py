@@ -1,0 +1,211 @@
+"""Benchmark of the decoding core, in-process: speculative vs verifier-only.
+
+For the same held-out prompts and max_tokens it reports tokens/s of both
+modes, mean accepted tokens per round, verifier forward passes per generated
+token, the share of wall time spent outside model forward passes (the
+router's own overhead), and the speedup the classic model predicts from the
+measured acceptance α, mean draft length k and cost ratio c:
+
+    predicted = (1 - α^(k+1)) / ((1 - α) (k c + 1))
+
+Forward-pass time is measured inside the models' ``forward`` (on their worker
+thread), so "overhead" is everything else: drafting/verification maths,
+thread hand-offs, detokenization and the router loop.
+
+    python -m loadtests.bench_core --prompts 8 --max-tokens 128 --json runs/bench_core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from decoding.causal_lm import CausalLM, load_tokenizer
+from decoding.default_models import default_pair
+from decoding.drafters import HFDrafter, NgramDrafter
+from decoding.sampling import SamplingParams
+from decoding.speculative import SpecOptions, SpeculativeRouter, classic_speedup
+from decoding.verifiers import HFVerifier
+
+
+class ForwardTimer:
+    """Accumulates wall time spent inside a model's forward()."""
+
+    def __init__(self, lm: CausalLM):
+        self.seconds = 0.0
+        self.calls = 0
+        original = lm.model.forward
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        lm.model.forward = timed
+
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
+
+
+def bench_prompts(tokenizer, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
+    """Held-out prompts of the demo corpus (never trained on)."""
+    from decoding.training import heldout_prompts, split_corpus
+
+    corpus = split_corpus(seed)
+    return heldout_prompts(tokenizer, corpus.heldout_files, n, prompt_tokens, seed=seed)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.bench_core",
+        description="Tokens/s of speculative vs verifier-only decoding in-process, router overhead, "
+        "and achieved vs predicted speedup (classic model).",
+    )
+    p.add_argument("--verifier", help="verifier model dir (default: the demo pair)")
+    p.add_argument("--drafter", help="drafter model dir or 'ngram' (default: the demo pair)")
+    p.add_argument("--prompts", type=int, default=8, help="held-out prompts (default: 8)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default: 64)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--k", type=int, default=4, help="initial draft length (default: 4)")
+    p.add_argument("--max-k", type=int, default=8, help="adaptive upper bound (default: 8)")
+    p.add_argument("--fixed-k", action="store_true", help="disable the adaptive draft length")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    return p.parse_args(argv)
+
+
+async def run_mode(router, prompts, params, options, timers, desc) -> dict:
+    for t in timers:
+        t.reset()
+    gens, wall = [], 0.0
+    for ids in tqdm(prompts, desc=desc, unit="prompt", file=sys.stderr):
+        t0 = time.perf_counter()
+        gens.append(await router.generate(ids, params, options))
+        wall += time.perf_counter() - t0
+    tokens = sum(len(g.token_ids) for g in gens)
+    forward_s = sum(t.seconds for t in timers)
+    s = [g.stats for g in gens]
+    drafted = sum(x.draft_tokens for x in s)
+    accepted = sum(x.accepted_tokens for x in s)
+    rounds = sum(x.rounds for x in s)
+    rejections = rounds - sum(x.fully_accepted_rounds for x in s)
+    draft_s = sum(x.draft_time_s for x in s)
+    verify_s = sum(x.verify_time_s for x in s)
+    return {
+        "mode": options.mode,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "rounds": rounds,
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        # Truncated-geometric estimate of the per-token acceptance α of the classic model.
+        "alpha": accepted / (accepted + rejections) if drafted else None,
+        "mean_accepted_per_round": accepted / rounds if rounds else None,
+        "mean_draft_length": drafted / rounds if rounds else 0.0,
+        "verifier_passes_per_token": sum(x.verifier_forward_passes for x in s) / tokens,
+        "forward_s": forward_s,
+        "overhead_share": 1 - forward_s / wall,
+        "draft_s": draft_s,
+        "verify_s": verify_s,
+        "outputs": [g.token_ids for g in gens],
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_verifier, default_drafter = default_pair()
+    verifier_dir = Path(args.verifier or default_verifier)
+    drafter_arg = args.drafter or str(default_drafter)
+    tokenizer = load_tokenizer(verifier_dir)
+    vlm = CausalLM(verifier_dir)
+    timers = [ForwardTimer(vlm)]
+    if drafter_arg == "ngram":
+        drafter = NgramDrafter(vlm.vocab_size)
+    else:
+        dlm = CausalLM(drafter_arg)
+        timers.append(ForwardTimer(dlm))
+        drafter = HFDrafter(dlm, cost_ratio=dlm.num_parameters / vlm.num_parameters)
+    router = SpeculativeRouter(HFVerifier(vlm), drafter, tokenizer)
+    prompts = bench_prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, ignore_eos=True)
+    spec_opts = SpecOptions(num_draft_tokens=args.k, max_draft_tokens=max(args.k, args.max_k), adaptive=not args.fixed_k)
+
+    # Warm-up: first passes allocate and pick kernels.
+    await router.generate(prompts[0], SamplingParams(max_tokens=8, ignore_eos=True), spec_opts)
+    base = await run_mode(router, prompts, params, SpecOptions(mode="verifier-only"), timers, "verifier-only")
+    spec = await run_mode(router, prompts, params, spec_opts, timers, "speculative")
+
+    # Cost ratio c from the measured times: one drafter step vs one verifier pass (as used in speculative mode).
+    c = (spec["draft_s"] / spec["draft_tokens"]) / (spec["verify_s"] / spec["rounds"]) if spec["draft_tokens"] else 0.0
+    k = spec["mean_draft_length"]
+    alpha = spec["alpha"] or 0.0
+    predicted = classic_speedup(alpha, k, c)
+    achieved = spec["tokens_per_s"] / base["tokens_per_s"]
+    identical = None if args.temperature > 0 else base["outputs"] == spec["outputs"]
+    for r in (base, spec):
+        r.pop("outputs")
+    return {
+        "machine": {"torch_threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__},
+        "verifier": str(verifier_dir),
+        "drafter": drafter_arg,
+        "verifier_params": vlm.num_parameters,
+        "args": vars(args),
+        "verifier_only": base,
+        "speculative": spec,
+        "alpha": alpha,
+        "cost_ratio_measured": c,
+        "speedup_achieved": achieved,
+        "speedup_predicted": predicted,
+        "achieved_over_predicted": achieved / predicted if predicted else None,
+        "greedy_identical": identical,
+    }
+
+
+def print_report(r: dict) -> None:
+    b, s = r["verifier_only"], r["speculative"]
+    rows = [
+        ("tokens/s", f"{b['tokens_per_s']:.1f}", f"{s['tokens_per_s']:.1f}"),
+        ("mean accepted tokens/round", "-", f"{s['mean_accepted_per_round']:.2f}"),
+        ("acceptance rate", "-", f"{s['acceptance_rate']:.3f}"),
+        ("mean draft length k", "0", f"{s['mean_draft_length']:.2f}"),
+        ("verifier passes / token", f"{b['verifier_passes_per_token']:.3f}", f"{s['verifier_passes_per_token']:.3f}"),
+        ("wall share outside forward passes", f"{b['overhead_share']:.1%}", f"{s['overhead_share']:.1%}"),
+    ]
+    print("| metric | verifier-only | speculative |\n|---|---:|---:|")
+    for name, x, y in rows:
+        print(f"| {name} | {x} | {y} |")
+    print(
+        f"\nspeedup achieved {r['speedup_achieved']:.2f}x; classic model predicts {r['speedup_predicted']:.2f}x "
+        f"(α={r['alpha']:.3f}, k={s['mean_draft_length']:.2f}, c={r['cost_ratio_measured']:.3f}) -> "
+        f"{r['achieved_over_predicted']:.0%} of predicted; greedy identical: {r['greedy_identical']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = asyncio.run(main_async(args))
+    print_report(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
