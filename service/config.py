@@ -54,6 +54,26 @@ class TandemSettings(BaseSettings):
     verifier_top_logprobs: int = Field(20, ge=1, le=1024)
     verifier_api: Literal["tandem", "stock"] = "tandem"
 
+    # -- split inference (decoding/split, docs/split-inference.md) ----------------
+    split_worker_url: str | None = Field(None, description="http(s)://host:port of the tandem split worker holding the body.")
+    split_model: str | None = Field(None, description="Model directory split at split_layers; default: the local verifier.")
+    split_layers: str = Field("1:2", pattern=r"^\d+:\d+$", description="a:b; the edge runs [0,a) and [b,L), the worker [a,b).")
+    split_token: SecretStr | None = Field(None, description="Shared bearer token of the split worker (TANDEM_SPLIT_TOKEN).")
+    split_noise_scale: float = Field(0.0, ge=0, description="Gaussian noise on the uplink, relative to each hidden state's norm.")
+    split_wire_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Hidden-state dtype on the wire; 'auto' = the compute dtype (lossless). float16 halves "
+        "the bytes of a float32 model but may flip near-tied greedy choices."
+    )
+    split_timeout_s: float = Field(10.0, gt=0)
+    split_reconnect_s: float = Field(10.0, ge=0, description="Retry an unreachable worker this long before a 503.")
+    split_policy: Literal["request", "always"] = Field(
+        "request", description="'request': split when a request asks for tandem.mode='split'; 'always': every request."
+    )
+    split_speculative: bool = Field(True, description="Split requests draft k tokens on the edge per round trip.")
+    split_session_ttl_s: float = Field(300.0, gt=0, description="Worker: evict sessions idle this long.")
+    split_max_kv_bytes: int = Field(1 << 30, ge=1, description="Worker: bound on all sessions' KV caches.")
+    split_max_body_bytes: int = Field(64 << 20, ge=1024, description="Worker: largest request frame accepted.")
+
     # -- HTTP server ------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -1,0 +1,373 @@
+"""The edge side of split inference, as a :class:`~decoding.verifiers.Verifier`.
+
+The edge runs the head (embeddings, layers [0, a)) and the tail (layers
+[b, L), norm, LM head); the split worker runs the body. Only hidden states
+cross the network: the prompt's and the generated tokens never leave the edge.
+
+One ``score(draft)`` is one round trip: the edge runs the head over the
+tokens the caches lack plus the k drafts, posts their layer-a hidden states
+(optionally with Gaussian noise) to the worker, gets layer-b states back and
+runs the tail, which yields the k+1 logits rows. So with the speculative
+router (edge drafter) a round costs one round trip for up to k+1 tokens, and
+with ``verifier-only`` it is plain split decoding, one round trip per token.
+
+Rollback: ``extend`` crops the edge's head and tail caches to the accepted
+prefix; the worker's body cache is cropped by the next step's ``start``, in
+the same round trip.
+
+Faults: when the worker answers that it does not hold the session (it
+restarted, or evicted the session for its TTL or memory bound), the edge
+replays the session's context, sending the exact uplink rows it sent before
+(noise included, so a replay shows an observer nothing new), and continues;
+``tandem_split_replays_total`` counts it. Connection failures are retried for
+``reconnect_s`` seconds; after that, and on any refusal, the session raises
+:class:`~decoding.verifiers.VerifierUnavailableError` (HTTP 503 at the gateway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from prometheus_client import Counter, Gauge, Histogram
+
+from decoding.split import wire
+from decoding.split.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
+from decoding.verifiers import VerifierUnavailableError
+
+# vLLM's inter-token-latency bucket edges (see the ops conventions): a split round is one network step.
+ROUND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+
+
+class _EdgeMetrics:
+    """Process-wide edge metrics (the gateway's default registry)."""
+
+    def __init__(self) -> None:
+        self.uplink_bytes = Counter("tandem_split_uplink_bytes_total", "Bytes sent to split workers (frames)")
+        self.downlink_bytes = Counter("tandem_split_downlink_bytes_total", "Bytes received from split workers (frames)")
+        self.tokens = Counter(
+            "tandem_split_tokens_total",
+            "Tokens committed by split sessions (bytes per token = rate(uplink_bytes) / rate(tokens))",
+        )
+        self.rounds = Counter("tandem_split_rounds_total", "Split round trips that succeeded")
+        self.round_seconds = Histogram(
+            "tandem_split_round_seconds", "Network round trip of one split step, worker compute included", buckets=ROUND_BUCKETS
+        )
+        self.replays = Counter(
+            "tandem_split_replays_total", "Contexts replayed to rebuild a worker's body cache, by reason", ["reason"]
+        )
+        self.replayed_tokens = Counter("tandem_split_replayed_tokens_total", "Positions re-sent by replays")
+        self.failures = Counter("tandem_split_failures_total", "Split steps that failed (503 to the client), by reason", ["reason"])
+        self.sessions = Gauge("tandem_split_sessions_active", "Split sessions open on this edge")
+
+
+_METRICS: _EdgeMetrics | None = None
+
+
+def edge_metrics() -> _EdgeMetrics:
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = _EdgeMetrics()
+    return _METRICS
+
+
+class SplitVerifier:
+    """Split inference as a verifier backend: edge head and tail here, body on a split worker."""
+
+    def __init__(
+        self,
+        edge: EdgeModel,
+        url: str,
+        *,
+        token: str | None = None,
+        noise_scale: float = 0.0,
+        wire_dtype: torch.dtype | None = None,
+        timeout_s: float = 10.0,
+        reconnect_s: float = 10.0,
+        noise_seed: int | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
+        wire_dtype = wire_dtype or edge.dtype  # lossless by default
+        if noise_scale < 0 or not math.isfinite(noise_scale):
+            raise SplitConfigError(f"noise scale must be a finite number >= 0, got {noise_scale}")
+        if wire_dtype not in wire.DTYPE_NAMES:
+            raise SplitConfigError(f"wire dtype must be one of {', '.join(wire.DTYPES)}, got {wire_dtype}")
+        self.edge = edge
+        self.url = url.rstrip("/")
+        self.name = f"split:{edge.path.name}[{edge.a}:{edge.b}]"
+        self.vocab_size = edge.vocab_size
+        self.max_context = edge.max_context
+        self.noise_scale = float(noise_scale)
+        self.wire_dtype = wire_dtype
+        self.reconnect_s = reconnect_s
+        self.metrics = edge_metrics()
+        self._noise = torch.Generator().manual_seed(noise_seed if noise_seed is not None else secrets.randbits(63))
+        headers = {"content-type": wire.CONTENT_TYPE, "accept": wire.CONTENT_TYPE}
+        if token:
+            headers["authorization"] = f"Bearer {token}"
+        # One persistent (keep-alive) connection pool to the worker for the verifier's lifetime.
+        self.client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 5.0)),
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16, keepalive_expiry=60.0),
+            transport=transport,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-edge")
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, url: str, layers: str | tuple[int, int], *, dtype: torch.dtype = torch.float32,
+        device: str = "cpu", **kwargs: Any,
+    ) -> SplitVerifier:
+        a, b = parse_layers(layers)
+        return cls(EdgeModel(path, a, b, dtype=dtype, device=device), url, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: Any, tokenizer: Any = None) -> SplitVerifier:
+        """Build from TandemSettings' ``split_*`` fields (see docs/split-inference.md).
+
+        The edge model is ``split_model``, else the local ``verifier`` directory,
+        else the default pair's verifier. ``tokenizer`` (optional) is checked to
+        fit the model's vocabulary.
+        """
+        if not settings.split_worker_url:
+            raise SplitConfigError("split inference needs split_worker_url (TANDEM_SPLIT_WORKER_URL): the worker's http(s)://host:port")
+        path = settings.split_model
+        if path is None and settings.verifier and not settings.remote_verifier:
+            path = settings.verifier
+        if path is None:
+            from decoding.default_models import default_pair
+
+            path = str(default_pair()[0])
+        token = settings.split_token.get_secret_value() if settings.split_token else None
+        dtype = getattr(torch, settings.dtype)
+        wire_dtype = dtype if settings.split_wire_dtype == "auto" else wire.DTYPES[settings.split_wire_dtype]
+        verifier = cls.from_pretrained(
+            path,
+            settings.split_worker_url,
+            settings.split_layers,
+            dtype=dtype,
+            device=settings.device,
+            token=token,
+            noise_scale=settings.split_noise_scale,
+            wire_dtype=wire_dtype,
+            timeout_s=settings.split_timeout_s,
+            reconnect_s=settings.split_reconnect_s,
+        )
+        if tokenizer is not None and len(tokenizer) > verifier.vocab_size:
+            raise SplitConfigError(
+                f"tokenizer has {len(tokenizer)} tokens but the split model {path!r} has {verifier.vocab_size} logits"
+            )
+        return verifier
+
+    # -- Verifier protocol --------------------------------------------------------
+
+    async def start(self, prompt_ids: Sequence[int]) -> SplitVerifySession:
+        return SplitVerifySession(self, prompt_ids)
+
+    async def check_ready(self) -> None:
+        """The worker answers /health and serves the same model slice as this edge."""
+        try:
+            resp = await self.client.get("/health", timeout=min(self.client.timeout.read or 5.0, 5.0))
+            resp.raise_for_status()
+            info = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise VerifierUnavailableError(f"split worker at {self.url} is not reachable: {exc}") from exc
+        self._check_identity(info)
+
+    def _check_identity(self, info: dict) -> None:
+        edge = self.edge
+        if info.get("fingerprint") != edge.fingerprint or list(info.get("layers", [])) != [edge.a, edge.b]:
+            raise VerifierUnavailableError(
+                f"split worker at {self.url} serves layers {info.get('layers')} of model fingerprint "
+                f"{info.get('fingerprint')}, but this edge needs layers [{edge.a}, {edge.b}] of {edge.fingerprint}"
+            )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers for sessions -------------------------------------------------------
+
+    async def run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def perturb(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Add N(0, (s·rms(h))²) per row: the noise's norm is about s times the row's norm."""
+        if self.noise_scale == 0:
+            return hidden
+        h = hidden.float()
+        rms = h.pow(2).mean(dim=-1, keepdim=True).sqrt()
+        noise = torch.randn(h.shape, generator=self._noise, dtype=torch.float32)
+        return h + self.noise_scale * rms * noise
+
+
+class SplitVerifySession:
+    """One request's split context: edge head/tail caches, the worker's session, the sent uplink."""
+
+    def __init__(self, verifier: SplitVerifier, prompt_ids: Sequence[int]):
+        self.v = verifier
+        self.edge = verifier.edge
+        self.sid = secrets.token_urlsafe(18)
+        self.ids: list[int] = list(prompt_ids)
+        self.cached: list[int] = []  # tokens whose states are in the head, body and tail caches
+        self.head_cache = self.edge.head.new_cache()
+        self.tail_cache = self.edge.tail.new_cache()
+        # The uplink rows sent for the cached tokens, exactly as sent: what a replay re-sends.
+        self.uplink = torch.empty(0, self.edge.hidden_size, dtype=verifier.wire_dtype)
+        self.forward_passes = 0
+        self.rounds = 0
+        self.replays = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.committed = 0
+        self._opened = False
+        verifier.metrics.sessions.inc()
+        self._closed = False
+
+    def pending(self) -> list[int]:
+        """Committed tokens the caches lack; at least the last one (to get the next distribution)."""
+        if len(self.cached) >= len(self.ids):
+            self._crop_to(len(self.ids) - 1)
+        return self.ids[len(self.cached) :]
+
+    def _head(self, tokens: list[int], start: int) -> torch.Tensor:
+        h = self.edge.run_head(tokens, self.head_cache, start)[0]
+        return self.v.perturb(h).to(self.v.wire_dtype)
+
+    def _tail(self, hidden: torch.Tensor, start: int, keep: int) -> torch.Tensor:
+        return self.edge.run_tail(hidden.unsqueeze(0), self.tail_cache, start, keep)
+
+    async def score(self, draft: Sequence[int]) -> torch.Tensor:
+        if self._closed:
+            raise VerifierUnavailableError("split session is closed")
+        feed = self.pending() + list(draft)
+        start = len(self.cached)
+        up = await self.v.run(self._head, feed, start)
+        try:
+            down = await self._step(up, start)
+            logits = await self.v.run(self._tail, down, start, len(draft) + 1)
+        except BaseException:
+            # Leave the caches as they were before this round, so the session stays consistent.
+            crop_cache(self.head_cache, start)
+            crop_cache(self.tail_cache, start)
+            raise
+        self.cached.extend(feed)
+        self.uplink = torch.cat([self.uplink[:start], up])
+        self.forward_passes += 1
+        return logits
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Commit tokens; keep the cached drafts they confirm, crop the rest (edge side now,
+        the worker's with the next step's ``start``)."""
+        start = len(self.ids)
+        self.ids.extend(tokens)
+        self.committed += len(tokens)
+        self.v.metrics.tokens.inc(len(tokens))
+        valid = min(start, len(self.cached))
+        for cached_tok, tok in zip(self.cached[start:], tokens):
+            if cached_tok != tok:
+                break
+            valid += 1
+        self._crop_to(valid)
+
+    def _crop_to(self, length: int) -> None:
+        if len(self.cached) > length:
+            crop_cache(self.head_cache, length)
+            crop_cache(self.tail_cache, length)
+            del self.cached[length:]
+            self.uplink = self.uplink[:length]
+
+    async def _step(self, up: torch.Tensor, start: int) -> torch.Tensor:
+        """One round trip (plus a replay when the worker lost the session) -> layer-b rows [n, H]."""
+        v, m = self.v, self.v.metrics
+        n = up.shape[0]
+        base = {"session": self.sid, "layers": [self.edge.a, self.edge.b], "fingerprint": self.edge.fingerprint}
+        frame = wire.encode({**base, "start": start}, up)
+        deadline = time.monotonic() + v.reconnect_s
+        delay = 0.05
+        replays_here = 0
+        last_error = ""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                resp = await v.client.post("/v1/split/step", content=frame)
+            except httpx.TransportError as exc:  # refused, reset, timed out: the worker may be restarting
+                last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if time.monotonic() + delay > deadline:
+                    m.failures.labels("unreachable").inc()
+                    raise VerifierUnavailableError(
+                        f"split worker at {v.url} is unreachable (retried for {v.reconnect_s:g} s): {last_error}"
+                    ) from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            elapsed = time.perf_counter() - t0
+            m.uplink_bytes.inc(len(frame))
+            m.downlink_bytes.inc(len(resp.content))
+            self.bytes_up += len(frame)
+            self.bytes_down += len(resp.content)
+            if resp.status_code == 200:
+                m.round_seconds.observe(elapsed)
+                m.rounds.inc()
+                self.rounds += 1
+                self._opened = True
+                return self._decode(resp, n)
+            code, message = _error_of(resp)
+            if resp.status_code == 409 and replays_here < 2:
+                # The worker lost this session (restart, TTL, memory bound) or its cache
+                # disagrees: resend the whole context, exactly as sent before, in one step.
+                replays_here += 1
+                self.replays += 1
+                m.replays.labels(code or "conflict").inc()
+                m.replayed_tokens.inc(start)
+                frame = wire.encode({**base, "start": 0, "return_from": start}, torch.cat([self.uplink[:start], up]))
+                continue
+            if resp.status_code >= 500 and time.monotonic() + delay <= deadline:
+                last_error = f"HTTP {resp.status_code}: {message}"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            m.failures.labels(code or f"http_{resp.status_code}").inc()
+            raise VerifierUnavailableError(
+                f"split worker at {v.url} refused the step (HTTP {resp.status_code}, {code}): {message}"
+            )
+
+    def _decode(self, resp: httpx.Response, n: int) -> torch.Tensor:
+        try:
+            _, down = wire.decode(resp.content)
+        except wire.WireError as exc:
+            raise VerifierUnavailableError(f"split worker sent a malformed frame: {exc}") from exc
+        if down is None or list(down.shape) != [n, self.edge.hidden_size]:
+            shape = None if down is None else list(down.shape)
+            raise VerifierUnavailableError(f"split worker returned shape {shape}, expected {[n, self.edge.hidden_size]}")
+        return down
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.v.metrics.sessions.dec()
+        if self._opened:
+            try:  # free the worker's cache now rather than at its TTL; best effort
+                await self.v.client.delete(f"/v1/split/sessions/{self.sid}", timeout=2.0)
+            except (httpx.HTTPError, RuntimeError):
+                pass
+        self.head_cache = self.tail_cache = None  # type: ignore[assignment]
+
+
+def _error_of(resp: httpx.Response) -> tuple[str, str]:
+    try:
+        err = resp.json()["error"]
+        return str(err.get("code") or ""), str(err.get("message") or "")
+    except (ValueError, KeyError, TypeError):
+        return "", resp.text[:200]

@@ -1,0 +1,103 @@
+"""In-process checks of the partition and the wire format (no worker)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.split import wire
+from decoding.split.partition import (
+    BodyModel,
+    EdgeModel,
+    SplitConfigError,
+    check_split,
+    crop_cache,
+    full_forward,
+    parse_layers,
+)
+
+L = 3  # the tiny verifier's depth
+IDS = list(range(7, 47))
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_verifier_lm):
+    with torch.inference_mode():
+        return tiny_verifier_lm.model(input_ids=torch.tensor([IDS])).logits[0].float()
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (1, 3), (2, 3)])
+def test_each_side_reads_only_its_tensors(tiny_verifier_dir, a, b):
+    body = BodyModel(tiny_verifier_dir, a, b)
+    edge = EdgeModel(tiny_verifier_dir, a, b)
+    all_keys = set(body.reader.keys())
+    body_keys = {k for k in all_keys if any(k.startswith(f"model.layers.{i}.") for i in range(a, b))}
+    assert set(body.loaded_keys) == body_keys
+    assert set(edge.loaded_keys) == all_keys - body_keys
+    # The modules hold exactly what was read: no embeddings or head on the worker side.
+    assert sum(p.numel() for p in body.parameters()) == sum(
+        body.reader.read([k], torch.float32)[k].numel() for k in body_keys
+    )
+    assert not any("embed" in n or "lm_head" in n for n, _ in body.named_parameters())
+
+
+@pytest.mark.parametrize("a,b", [(1, 2), (1, 3), (2, 3)])
+def test_split_forward_matches_unsplit(tiny_verifier_dir, reference_logits, a, b):
+    edge, body = EdgeModel(tiny_verifier_dir, a, b), BodyModel(tiny_verifier_dir, a, b)
+    torch.testing.assert_close(full_forward(edge, body, torch.tensor(IDS)), reference_logits, atol=1e-5, rtol=0)
+    # Incremental, with caches, chunked steps (multi-token steps need the causal mask
+    # within the new tokens) and a rollback.
+    hc, bc, tc = edge.head.new_cache(), body.new_cache(), edge.tail.new_cache()
+    pos, rows = 0, []
+    for chunk in (IDS[:9], IDS[9:10], IDS[10:16], IDS[16:]):
+        h = body(edge.run_head(chunk, hc, pos), bc, pos)
+        rows.append(edge.run_tail(h, tc, pos, keep=len(chunk)))
+        pos += len(chunk)
+    torch.testing.assert_close(torch.cat(rows), reference_logits, atol=1e-5, rtol=0)
+    for c in (hc, bc, tc):
+        crop_cache(c, 12)
+    h = body(edge.run_head(IDS[12:], hc, 12), bc, 12)
+    torch.testing.assert_close(edge.run_tail(h, tc, 12, keep=len(IDS) - 12), reference_logits[12:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "a,b,match",
+    [(0, 2, "a=0 must be >= 1"), (1, 4, "b=4 exceeds"), (2, 2, "a < b"), (3, 2, "a < b"), (-1, 2, ">= 1")],
+)
+def test_bad_split_points(tiny_verifier_dir, a, b, match):
+    with pytest.raises(SplitConfigError, match=match):
+        check_split(a, b, L)
+    with pytest.raises(SplitConfigError, match=match):
+        BodyModel(tiny_verifier_dir, a, b)
+
+
+@pytest.mark.parametrize("spec", ["1", "1:2:3", "a:b", ""])
+def test_bad_layer_spec(spec):
+    with pytest.raises(SplitConfigError, match="a:b"):
+        parse_layers(spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_wire_roundtrip(dtype):
+    t = torch.randn(5, 64).to(dtype)
+    frame = wire.encode({"session": "s", "start": 3}, t)
+    assert len(frame) < t.numel() * t.element_size() + 200  # raw bytes plus a small header
+    header, back = wire.decode(frame)
+    assert header["start"] == 3 and header["shape"] == [5, 64]
+    assert back.dtype == dtype and torch.equal(back, t)
+
+
+def test_wire_rejects_malformed_frames():
+    good = wire.encode({"session": "s"}, torch.zeros(2, 4, dtype=torch.float16))
+    cases = {
+        "magic": b"XXXX" + good[4:],
+        "truncated": good[:12],
+        "payload is": good[:-2],
+        "not valid JSON": good[:10] + b"{" * (len(good) - 10),
+    }
+    for match, frame in cases.items():
+        with pytest.raises(wire.WireError, match=match):
+            wire.decode(frame)
+    bad_dtype = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, 31) + b'{"dtype":"int64","shape":[1, 1]}'[:31]
+    with pytest.raises(wire.WireError):
+        wire.decode(bad_dtype)
