@@ -338,8 +338,11 @@ def _sample_kernel(
             e = tl.load(e_ptr + b64 * V + cols64, mask=live, other=1.0)
         else:
             e = _exponential_noise(seed, off, BLOCK_V)
-        r_score = tl.where(live, res / e, float("-inf"))
-        p_score = tl.where(live, p32 / e, float("-inf"))
+        # div_rn: IEEE round-to-nearest like torch's division (a plain '/' may lower
+        # to an approximate division on GPUs), so scores match the reference bit
+        # for bit when both are fed the same noise.
+        r_score = tl.where(live, tl.math.div_rn(res, e), float("-inf"))
+        p_score = tl.where(live, tl.math.div_rn(p32, e), float("-inf"))
         better = r_score > r_best
         r_best = tl.where(better, r_score, r_best)
         r_idx = tl.where(better, cols, r_idx)
@@ -533,6 +536,7 @@ def verify_drafts_triton(
     if block_v < 16 or block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two >= 16, got {block_v}")
     full = nan_check == "full"
+    draft_lens = draft_lens.contiguous()  # [B]: the kernels index it with b alone
     err = torch.zeros((1,), dtype=torch.int32, device=device)
     block_k1 = triton.next_power_of_2(K + 1)
 
