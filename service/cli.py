@@ -96,11 +96,12 @@ def cmd_models_build_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.server import serve
-
     names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
     names += ("model_name", "api_keys", "request_timeout_s", "shutdown_grace_s", "default_max_tokens", "log_level")
-    settings = _settings(args, *names)
+    settings = _settings(args, *names)  # before the heavy imports: a bad setting fails in a blink
+
+    from service.server import serve
+
     return serve(settings)
 
 
@@ -131,6 +132,12 @@ def cmd_split_audit(args: argparse.Namespace) -> int:
     from decoding.split.audit import main_audit
 
     return main_audit(args)
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from loadtests.load import main as load_main
+
+    return load_main(args.load_args, prog="tandem load")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,13 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", metavar="DIR", help="model directory (default: the demo pair's verifier)")
     a.add_argument("--split-points", default=None, metavar="A,A,...", help="values of a (default: every layer 1..L-1)")
     a.add_argument("--b", type=int, default=None, help="b for every split (default: L; b does not change uplink privacy)")
-    a.add_argument("--noise", default="0,0.1,0.25,0.5,1,2", metavar="S,S,...", help="noise scales (default: 0,0.1,0.25,0.5,1,2)")
+    a.add_argument(
+        "--noise", default="0,0.01,0.02,0.05,0.1,0.2,0.5,1", metavar="S,S,...",
+        help="noise scales, relative to each hidden state's norm (default: 0,0.01,0.02,0.05,0.1,0.2,0.5,1)",
+    )
     a.add_argument("--train-tokens", type=int, default=60000, help="attacker training tokens (default: 60000)")
     a.add_argument("--eval-tokens", type=int, default=8000, help="held-out evaluation tokens (default: 8000)")
     a.add_argument("--attacker", choices=["ridge", "mlp"], default="ridge", help="inversion attacker (default: ridge)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="runs/split-audit", metavar="DIR", help="output directory (default: runs/split-audit)")
     a.set_defaults(func=cmd_split_audit)
+    ld = sub.add_parser(
+        "load",
+        help="load-test an OpenAI-compatible server (vllm bench serve's definitions)",
+        description="Forwards to the load generator (python -m loadtests): tandem load [run|sweep|plot|compare] ... "
+        "See tandem load --help.",
+        add_help=False,
+    )
+    ld.add_argument("load_args", nargs=argparse.REMAINDER)
+    ld.set_defaults(func=cmd_load)
     m = sub.add_parser("models", help="model tools", description="Build and inspect the project's own models.")
     models_sub = m.add_subparsers(dest="models_command", required=True, metavar="TOOL")
     b = models_sub.add_parser(
@@ -258,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["load"]:  # forwarded whole: the load generator has its own parser
+        return cmd_load(argparse.Namespace(load_args=list(argv[1:])))
     args = parser.parse_args(argv)
     from decoding.causal_lm import ModelLoadError
     from decoding.sampling import InvalidRequestError

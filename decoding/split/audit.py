@@ -1,0 +1,389 @@
+"""``tandem split audit``: what the uplink reveals, and what noise costs.
+
+Threat model: the datacenter (or anyone on the link) sees every uplink hidden
+state h_a (the output of layer a-1, plus the configured noise) and knows the
+model's weights and the noise scale. It does not see the tokens.
+
+The attacker: it runs the public model's head over *public* text (files
+disjoint from the held-out text), adds noise at the same scale, and fits a
+ridge regression from the hidden states of a token and its two neighbours
+[h_{t-1}, h_t, h_{t+1}] to the token's input embedding; it decodes by the
+nearest embedding row (cosine), which uses the weights it knows. ``--attacker
+mlp`` trains a small MLP classifier over the vocabulary instead (slower).
+Reported: the token recovery rate (top-1) on held-out text, next to the
+"most frequent token" baseline.
+
+Utility: the held-out text is run through the split path (layers [a, L) fed
+the noisy h_a, the same code the edge and worker run) and compared with the
+unsplit model: greedy agreement is the share of positions whose argmax (next
+token) matches the unsplit model's (teacher-forced, so it is the per-step
+chance that greedy decoding stays in lockstep); perplexity is that of the
+held-out next tokens. b does not change any of these: the downlink is a
+function of the uplink and public weights, and the body and tail are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from decoding.split.partition import CheckpointReader, LayerStack, load_config
+
+
+@dataclass
+class AuditRow:
+    a: int
+    b: int
+    noise: float
+    recovery: float  # attacker top-1 token recovery on held-out text
+    recovery_top5: float
+    agreement: float  # greedy (argmax) agreement with the unsplit model
+    perplexity: float
+    uplink_bytes_per_token: int
+
+
+def perturb(hidden: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """The edge's noise (see SplitVerifier.perturb): N(0, (scale·rms(h))²) per row."""
+    if scale == 0:
+        return hidden
+    rms = hidden.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return hidden + scale * rms * torch.randn(hidden.shape, generator=generator, dtype=torch.float32)
+
+
+# -- text ----------------------------------------------------------------------------------------
+
+
+def corpus_files(model: Path) -> tuple[list[Path], list[Path], str]:
+    """(attacker_train_files, heldout_files, description).
+
+    With a demo-pair build record, held-out = the files the model never saw;
+    the attacker trains on the others (public text). Otherwise: the standard
+    library split in two disjoint halves by file.
+    """
+    from decoding.tiny_models import stdlib_files
+
+    files = stdlib_files()
+    record = model / "build.json"
+    if record.is_file():
+        corpus = json.loads(record.read_text()).get("corpus", {})
+        held_names = set(corpus.get("heldout_files", []))
+        if held_names:
+            held = [f for f in files if f.name in held_names]
+            train = [f for f in files if f.name not in held_names]
+            return train, held, f"the model's {len(held)} held-out stdlib files; attacker trains on the other {len(train)}"
+    # No record: 40..80 are outside the tiny tokenizer's training files; the attacker gets 80...
+    return files[80:], files[40:80], "stdlib files 40-79 held out; attacker trains on files 80+"
+
+
+def windows(tokenizer, files: list[Path], n_tokens: int, length: int, seed: int) -> torch.Tensor:
+    """[n, length] token windows from the files (n * length ~ n_tokens), seeded, no overlap."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    order = list(files)
+    random.Random(seed).shuffle(order)
+    for f in order:
+        ids.extend(tokenizer.encode(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False))
+        if eos is not None:
+            ids.append(eos)
+        if len(ids) >= 4 * n_tokens:
+            break
+    stream = torch.tensor(ids, dtype=torch.long)
+    count = min(max(1, n_tokens // length), len(stream) // length)
+    if count == 0:
+        raise ValueError(f"the text holds only {len(stream)} tokens, fewer than one window of {length}")
+    starts = torch.randperm(len(stream) // length, generator=torch.Generator().manual_seed(seed))[:count] * length
+    return torch.stack([stream[s : s + length] for s in starts.tolist()])
+
+
+# -- model pieces --------------------------------------------------------------------------------
+
+
+class AuditModel:
+    """The full model as split pieces: embeddings, layer stacks [0, a) and [a, L), norm, head."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoModelForCausalLM
+
+        self.path = path
+        self.config = load_config(path)
+        self.L = int(self.config.num_hidden_layers)
+        self.H = int(self.config.hidden_size)
+        self.full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True).eval()
+        self.reader = CheckpointReader(path)
+        self.embed = self.full.get_input_embeddings().weight.detach()
+        self._rest: dict[int, LayerStack] = {}
+
+    def rest(self, a: int) -> LayerStack:
+        """Layers [a, L), built by the split code from the checkpoint (what body + tail run)."""
+        if a not in self._rest:
+            self._rest = {a: LayerStack(self.config, a, self.L, self.reader, torch.float32)}
+        return self._rest[a]
+
+    @torch.inference_mode()
+    def hidden_states(self, ids: torch.Tensor, layers: list[int], batch: int = 8) -> dict[int, torch.Tensor]:
+        """{a: [n, T, H] output of layer a-1}, i.e. the uplink at split a, plus clean logits at key -1."""
+        out: dict[int, list[torch.Tensor]] = {a: [] for a in layers}
+        logits = []
+        for i in range(0, len(ids), batch):
+            res = self.full(input_ids=ids[i : i + batch], output_hidden_states=True)
+            for a in layers:
+                out[a].append(res.hidden_states[a].half())  # fp16 storage: memory, not precision, is the limit
+            logits.append(res.logits.float())
+        result = {a: torch.cat(v) for a, v in out.items()}
+        result[-1] = torch.cat(logits)
+        return result
+
+    @torch.inference_mode()
+    def logits_from(self, a: int, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
+        stack = self.rest(a)
+        model = self.full.model
+        rows = []
+        for i in range(0, len(hidden), batch):
+            h = stack(hidden[i : i + batch].float(), None, 0)
+            rows.append(self.full.lm_head(model.norm(h)).float())
+        return torch.cat(rows)
+
+
+# -- attackers -----------------------------------------------------------------------------------
+
+
+def context_features(h: torch.Tensor) -> torch.Tensor:
+    """[n, T, H] -> [n*T, 3H]: each position with its left and right neighbours (zeros at the edges)."""
+    z = torch.zeros_like(h[:, :1])
+    left = torch.cat([z, h[:, :-1]], dim=1)
+    right = torch.cat([h[:, 1:], z], dim=1)
+    return torch.cat([left, h, right], dim=-1).reshape(-1, 3 * h.shape[-1])
+
+
+class RidgeAttacker:
+    """Ridge regression from context features to the token's embedding; nearest-embedding decoding."""
+
+    def __init__(self, embed: torch.Tensor, ridge: float = 1e-2):
+        self.embed = F.normalize(embed.double(), dim=-1)
+        self.ridge = ridge
+
+    def fit(self, x: torch.Tensor, tokens: torch.Tensor) -> RidgeAttacker:
+        x = x.double()
+        self.mean = x.mean(0, keepdim=True)
+        self.std = x.std(0, keepdim=True).clamp_min(1e-6)
+        x = torch.cat([(x - self.mean) / self.std, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        y = self.embed[tokens]
+        gram = x.T @ x
+        gram += self.ridge * len(x) * torch.eye(len(gram), dtype=x.dtype)
+        self.w = torch.linalg.solve(gram, x.T @ y)
+        return self
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.double() - self.mean) / self.std
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+        return F.normalize(x @ self.w, dim=-1) @ self.embed.T
+
+
+class MLPAttacker:
+    """A 2-layer MLP classifier over the vocabulary, trained with Adam (a stronger, slower attacker)."""
+
+    def __init__(self, vocab: int, steps: int = 1500, hidden: int = 512, seed: int = 0):
+        self.vocab, self.steps, self.hidden, self.seed = vocab, steps, hidden, seed
+
+    def fit(self, x: torch.Tensor, tokens: torch.Tensor) -> MLPAttacker:
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        x = x.float()
+        self.mean, self.std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+        x = (x - self.mean) / self.std
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(x.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Linear(self.hidden, self.vocab)
+        )
+        opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
+        for step in range(self.steps):
+            idx = torch.randint(0, len(x), (512,), generator=g)
+            loss = F.cross_entropy(self.net(x[idx]), tokens[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return self
+
+    @torch.no_grad()
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.float() - self.mean) / self.std)
+
+
+# -- the audit ----------------------------------------------------------------------------------
+
+
+def run_audit(
+    model: Path,
+    split_points: list[int],
+    noises: list[float],
+    *,
+    b: int | None = None,
+    train_tokens: int = 60000,
+    eval_tokens: int = 8000,
+    window: int = 128,
+    attacker: str = "ridge",
+    seed: int = 0,
+    wire_bytes: int = 4,
+    log=print,
+) -> tuple[list[AuditRow], dict]:
+    from decoding.causal_lm import load_tokenizer
+
+    t0 = time.perf_counter()
+    am = AuditModel(model)
+    tok = load_tokenizer(model)
+    b = b if b is not None else am.L
+    for a in split_points:
+        if not 1 <= a < b <= am.L:
+            raise ValueError(f"split a={a}, b={b} is invalid for a {am.L}-layer model (need 1 <= a < b <= L)")
+    train_files, held_files, corpus_desc = corpus_files(model)
+    train_ids = windows(tok, train_files, train_tokens, window, seed)
+    eval_ids = windows(tok, held_files, eval_tokens, window, seed + 1)
+    log(f"audit: {model} (L={am.L}, H={am.H}); attacker text {train_ids.numel()} tokens, held-out {eval_ids.numel()} tokens")
+    train_h = am.hidden_states(train_ids, split_points)
+    eval_h = am.hidden_states(eval_ids, split_points)
+    clean_logits = eval_h.pop(-1)
+    train_h.pop(-1)
+    clean_argmax = clean_logits[:, :-1].argmax(-1)
+    targets = eval_ids[:, 1:]
+    clean_ppl = math.exp(F.cross_entropy(clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1]), targets.reshape(-1)).item())
+    counts = torch.bincount(train_ids.reshape(-1), minlength=am.embed.shape[0])
+    baseline = (eval_ids == counts.argmax()).float().mean().item()
+    log(f"unsplit held-out perplexity {clean_ppl:.3f}; most-frequent-token baseline recovery {baseline:.3f}")
+
+    rows: list[AuditRow] = []
+    header_bytes = 160  # measured frame prefix + JSON header of a one-row step
+    for a in split_points:
+        for noise in noises:
+            g = torch.Generator().manual_seed(seed * 1000 + a * 10 + int(noise * 1000))
+            x_train = context_features(perturb(train_h[a].float(), noise, g))
+            x_eval_h = perturb(eval_h[a].float(), noise, g)
+            x_eval = context_features(x_eval_h)
+            if attacker == "ridge":
+                att = RidgeAttacker(am.embed).fit(x_train, train_ids.reshape(-1))
+            else:
+                att = MLPAttacker(am.embed.shape[0], seed=seed).fit(x_train, train_ids.reshape(-1))
+            truth = eval_ids.reshape(-1)
+            top5 = att.scores(x_eval).topk(5, dim=-1).indices
+            recovery = (top5[:, 0] == truth).float().mean().item()
+            recovery5 = (top5 == truth[:, None]).any(-1).float().mean().item()
+            logits = am.logits_from(a, x_eval_h)[:, :-1]
+            agreement = (logits.argmax(-1) == clean_argmax).float().mean().item()
+            ppl = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item())
+            row = AuditRow(a, b, noise, recovery, recovery5, agreement, ppl, am.H * wire_bytes + header_bytes)
+            rows.append(row)
+            log(f"a={a:2d} noise={noise:<5g} recovery={recovery:.3f} (top5 {recovery5:.3f}) "
+                f"agreement={agreement:.3f} ppl={ppl:.3f}")
+    meta = {
+        "model": str(model),
+        "num_layers": am.L,
+        "hidden_size": am.H,
+        "b": b,
+        "attacker": attacker,
+        "corpus": corpus_desc,
+        "attacker_train_tokens": int(train_ids.numel()),
+        "heldout_tokens": int(eval_ids.numel()),
+        "unsplit_perplexity": clean_ppl,
+        "most_frequent_token_baseline": baseline,
+        "seconds": time.perf_counter() - t0,
+        "seed": seed,
+    }
+    return rows, meta
+
+
+def recommend(rows: list[AuditRow], min_agreement: float = 0.95) -> AuditRow | None:
+    """Lowest attacker recovery among settings keeping agreement >= min_agreement
+    (ties: less noise, then the smaller a: cheaper edge)."""
+    ok = [r for r in rows if r.agreement >= min_agreement]
+    return min(ok, key=lambda r: (round(r.recovery, 3), r.noise, r.a)) if ok else None
+
+
+def markdown_table(rows: list[AuditRow], meta: dict, best: AuditRow | None) -> str:
+    lines = [
+        f"Model `{meta['model']}` (L={meta['num_layers']}, H={meta['hidden_size']}), b={meta['b']}, attacker "
+        f"`{meta['attacker']}`; {meta['corpus']}; {meta['attacker_train_tokens']} attacker training tokens, "
+        f"{meta['heldout_tokens']} held-out tokens. Unsplit held-out perplexity {meta['unsplit_perplexity']:.3f}; "
+        f"most-frequent-token baseline recovery {meta['most_frequent_token_baseline']:.3f}.",
+        "",
+        "| a | noise | attacker recovery (top-1) | top-5 | greedy agreement | perplexity |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        mark = " **←**" if best is not None and r is best else ""
+        lines.append(
+            f"| {r.a} | {r.noise:g} | {r.recovery:.3f} | {r.recovery_top5:.3f} | {r.agreement:.3f} | {r.perplexity:.3f}{mark} |"
+        )
+    lines.append("")
+    if best is not None:
+        lines.append(
+            f"Recommendation (greedy agreement >= 95%, lowest recovery): a={best.a}, noise={best.noise:g}: "
+            f"recovery {best.recovery:.3f}, agreement {best.agreement:.3f}, perplexity {best.perplexity:.3f}."
+        )
+    else:
+        lines.append("No setting keeps greedy agreement >= 95%.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[AuditRow], meta: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    split_points = sorted({r.a for r in rows})
+    cmap = plt.get_cmap("viridis", max(2, len(split_points)))
+    for i, a in enumerate(split_points):
+        rs = sorted((r for r in rows if r.a == a), key=lambda r: r.noise)
+        xs = [r.noise for r in rs]
+        axes[0].plot(xs, [r.recovery for r in rs], "o-", color=cmap(i), label=f"a={a}")
+        axes[1].plot(xs, [r.agreement for r in rs], "o-", color=cmap(i), label=f"a={a}")
+        axes[2].plot([r.agreement for r in rs], [r.recovery for r in rs], "o-", color=cmap(i), label=f"a={a}")
+    axes[0].axhline(meta["most_frequent_token_baseline"], ls=":", color="gray", label="frequency baseline")
+    axes[1].axhline(0.95, ls="--", color="red", label="95%")
+    axes[2].axvline(0.95, ls="--", color="red")
+    axes[0].set(xlabel="noise scale (relative to ‖h‖)", ylabel="attacker token recovery", title="Privacy: inversion attack")
+    axes[1].set(xlabel="noise scale (relative to ‖h‖)", ylabel="greedy agreement with unsplit", title="Utility")
+    axes[2].set(xlabel="greedy agreement", ylabel="attacker token recovery", title="Trade-off")
+    for ax in axes[:2]:
+        ax.set_xscale("symlog", linthresh=0.1)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"tandem split audit: {Path(meta['model']).name} (L={meta['num_layers']}), attacker {meta['attacker']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_audit(args: argparse.Namespace) -> int:
+    from decoding.default_models import default_pair
+
+    model = Path(args.model) if args.model else default_pair()[0]
+    config = load_config(model)
+    L = int(config.num_hidden_layers)
+    split_points = [int(x) for x in args.split_points.split(",")] if args.split_points else list(range(1, L))
+    noises = [float(x) for x in args.noise.split(",")]
+    torch.manual_seed(args.seed)
+    rows, meta = run_audit(
+        model, split_points, noises, b=args.b, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
+        attacker=args.attacker, seed=args.seed,
+    )
+    best = recommend(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows, meta, best)
+    (out / "audit.md").write_text(table)
+    (out / "audit.json").write_text(json.dumps(
+        {"meta": meta, "rows": [asdict(r) for r in rows], "recommendation": asdict(best) if best else None}, indent=2
+    ) + "\n")
+    plot(rows, meta, out / "audit.png")
+    print(table)
+    print(f"wrote {out / 'audit.md'}, {out / 'audit.json'}, {out / 'audit.png'}")
+    return 0
