@@ -27,6 +27,7 @@ replays the session's context, sending the exact uplink rows it sent before
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import secrets
 import time
@@ -109,7 +110,12 @@ class SplitVerifier:
         self.wire_dtype = wire_dtype
         self.reconnect_s = reconnect_s
         self.metrics = edge_metrics()
-        self._noise = torch.Generator().manual_seed(noise_seed if noise_seed is not None else secrets.randbits(63))
+        # The noise key: secret per edge process (or derived from noise_seed, for reproducible runs).
+        self._noise_key = (
+            hashlib.sha256(f"tandem-split-noise-{noise_seed}".encode()).digest()
+            if noise_seed is not None
+            else secrets.token_bytes(32)
+        )
         headers = {"content-type": wire.CONTENT_TYPE, "accept": wire.CONTENT_TYPE}
         if token:
             headers["authorization"] = f"Bearer {token}"
@@ -201,13 +207,31 @@ class SplitVerifier:
     async def run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def perturb(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Add N(0, (s·rms(h))²) per row: the noise's norm is about s times the row's norm."""
+    def prefix_digests(self, previous: bytes, tokens: Sequence[int]) -> list[bytes]:
+        """Keyed hash chain over the context: digest i identifies the prefix ending at that token."""
+        out = []
+        for t in tokens:
+            previous = hashlib.blake2b(previous + int(t).to_bytes(4, "little"), key=self._noise_key, digest_size=16).digest()
+            out.append(previous)
+        return out
+
+    def perturb(self, hidden: torch.Tensor, digests: Sequence[bytes]) -> torch.Tensor:
+        """Add N(0, (s·rms(h))²) per row: the noise's norm is about s times the row's norm.
+
+        Each row's noise is drawn from a generator seeded by its prefix digest
+        (keyed with this edge's secret), so one context position always gets
+        the same noise: a re-send, a replay or the same prompt in another
+        request shows an observer the same noisy vector again, never a fresh
+        draw to average away.
+        """
         if self.noise_scale == 0:
             return hidden
         h = hidden.float()
         rms = h.pow(2).mean(dim=-1, keepdim=True).sqrt()
-        noise = torch.randn(h.shape, generator=self._noise, dtype=torch.float32)
+        noise = torch.stack([
+            torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(int.from_bytes(d[:8], "little") >> 1))
+            for d in digests
+        ])
         return h + self.noise_scale * rms * noise
 
 
@@ -224,6 +248,7 @@ class SplitVerifySession:
         self.tail_cache = self.edge.tail.new_cache()
         # The uplink rows sent for the cached tokens, exactly as sent: what a replay re-sends.
         self.uplink = torch.empty(0, self.edge.hidden_size, dtype=verifier.wire_dtype)
+        self.digests: list[bytes] = []  # the keyed prefix digest of each cached position (noise seeds)
         self.forward_passes = 0
         self.rounds = 0
         self.replays = 0
@@ -240,9 +265,9 @@ class SplitVerifySession:
             self._crop_to(len(self.ids) - 1)
         return self.ids[len(self.cached) :]
 
-    def _head(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _head(self, tokens: list[int], start: int, digests: list[bytes]) -> torch.Tensor:
         h = self.edge.run_head(tokens, self.head_cache, start)[0]
-        return self.v.perturb(h).to(self.v.wire_dtype)
+        return self.v.perturb(h, digests).to(self.v.wire_dtype)
 
     def _tail(self, hidden: torch.Tensor, start: int, keep: int) -> torch.Tensor:
         return self.edge.run_tail(hidden.unsqueeze(0), self.tail_cache, start, keep)
@@ -252,7 +277,8 @@ class SplitVerifySession:
             raise VerifierUnavailableError("split session is closed")
         feed = self.pending() + list(draft)
         start = len(self.cached)
-        up = await self.v.run(self._head, feed, start)
+        digests = self.v.prefix_digests(self.digests[start - 1] if start else b"", feed) if self.v.noise_scale else []
+        up = await self.v.run(self._head, feed, start, digests)
         try:
             down = await self._step(up, start)
             logits = await self.v.run(self._tail, down, start, len(draft) + 1)
@@ -263,6 +289,8 @@ class SplitVerifySession:
             raise
         self.cached.extend(feed)
         self.uplink = torch.cat([self.uplink[:start], up])
+        if digests:
+            self.digests = self.digests[:start] + digests
         self.forward_passes += 1
         return logits
 
@@ -286,6 +314,7 @@ class SplitVerifySession:
             crop_cache(self.tail_cache, length)
             del self.cached[length:]
             self.uplink = self.uplink[:length]
+            del self.digests[length:]
 
     async def _step(self, up: torch.Tensor, start: int) -> torch.Tensor:
         """One round trip (plus a replay when the worker lost the session) -> layer-b rows [n, H]."""

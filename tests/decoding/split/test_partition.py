@@ -101,3 +101,39 @@ def test_wire_rejects_malformed_frames():
     bad_dtype = wire._PREFIX.pack(wire.MAGIC, wire.VERSION, 31) + b'{"dtype":"int64","shape":[1, 1]}'[:31]
     with pytest.raises(wire.WireError):
         wire.decode(bad_dtype)
+
+
+def test_uplink_noise_is_a_function_of_the_prefix(tiny_verifier_dir):
+    """Re-sending a position (replay, rollback, the same prompt again) shows the same noisy vector,
+    never a fresh draw an observer could average away; another prefix gets independent noise."""
+    from decoding.split.edge import SplitVerifier
+
+    edge = EdgeModel(tiny_verifier_dir, 1, 2)
+    v = SplitVerifier(edge, "http://127.0.0.1:9", noise_scale=0.5, noise_seed=3)
+    h = edge.run_head(IDS, None, 0)[0]
+    d1 = v.prefix_digests(b"", IDS)
+    d2 = v.prefix_digests(d1[9], IDS[10:])  # the same context, continued from position 10
+    assert d2 == d1[10:]
+    n1, n2 = v.perturb(h, d1), v.perturb(h, d1)
+    assert torch.equal(n1, n2)
+    ratio = ((n1 - h).norm(dim=-1) / h.norm(dim=-1)).mean().item()
+    assert 0.4 < ratio < 0.6
+    other = v.prefix_digests(b"", [IDS[0] + 1] + IDS[1:])  # one different token changes every later digest
+    assert not any(a == b for a, b in zip(d1, other))
+    w = SplitVerifier(edge, "http://127.0.0.1:9", noise_scale=0.5)  # a random key: different noise
+    assert not torch.equal(w.perturb(h, w.prefix_digests(b"", IDS)), n1)
+
+
+def test_route_policy():
+    from decoding.split import route
+    from service.config import TandemSettings
+
+    by_request = TandemSettings.load()
+    assert route(by_request, "split") == (True, "speculative")
+    assert route(by_request, "split", has_drafter=False) == (True, "verifier-only")
+    assert route(by_request, "speculative") == (False, "speculative")
+    assert route(by_request, None) == (False, by_request.mode)
+    always = TandemSettings.load(split_policy="always", split_speculative=False)
+    assert route(always, None) == (True, "verifier-only")
+    assert route(always, "speculative") == (True, "speculative")
+    assert route(always, "drafter-only") == (False, "drafter-only")
