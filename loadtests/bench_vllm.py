@@ -51,14 +51,15 @@ DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 # -- models ---------------------------------------------------------------------------------
 
 
-def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_noise: float = 0.15) -> tuple[Path, Path]:
+def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_noise: float = 0.1,
+               deep_scale: float = 0.1) -> tuple[Path, Path]:
     """(verifier_dir, drafter_dir): tiny Llamas that vLLM's CPU backend can serve.
 
     vLLM's CPU attention needs head_dim >= 32 (``decoding.tiny_models``'
     default pair has 16), so the verifier is 4 layers of width 128 with 4
     heads. The drafter is the verifier's first layer (same embeddings, norm
     and head) with noise on its output head: it agrees with the verifier
-    often but not always (~75% greedy agreement), so rounds see both
+    often but not always (60-80% greedy agreement), so rounds see both
     acceptances and rejections. Logits are sharpened (logit_scale 20) so that
     greedy choices are not near-ties and the top-20 carries most of the mass.
     """
@@ -74,6 +75,11 @@ def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_nois
                     logit_scale=20.0)
     verifier_dir = build_model(out / "verifier", tokenizer, spec, seed=seed)
     full = LlamaForCausalLM.from_pretrained(verifier_dir)
+    with torch.no_grad():  # layers 1.. write less into the residual stream: the first layer alone approximates the model
+        for layer in full.model.layers[1:]:
+            layer.self_attn.o_proj.weight.mul_(deep_scale)
+            layer.mlp.down_proj.weight.mul_(deep_scale)
+    full.save_pretrained(verifier_dir)
     config = full.config
     config.num_hidden_layers = 1
     drafter = LlamaForCausalLM(config)
