@@ -69,7 +69,8 @@ from kernels.reference import PAD, VerificationResult, check_inputs
 
 __all__ = ["verify_drafts_triton", "INTERPRETED"]
 
-_INT32_MAX = 2**31 - 1
+# Globals read inside @triton.jit functions must be constexpr.
+_INT32_MAX = tl.constexpr(2**31 - 1)
 
 
 # ----------------------------------------------------------------------------
