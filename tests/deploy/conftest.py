@@ -1,0 +1,258 @@
+"""The deploy tests' live stack: the compose topology as local processes, plus a real Prometheus.
+
+What runs (session-scoped, started in parallel; everything is a real program):
+
+* ``gateway``: ``tandem serve`` with the in-process verifier (the vLLM-servable tiny pair, whose
+  drafter agrees with the verifier often, so acceptance counters move), 2 slots and a queue of 2, so
+  an overload gets 429s;
+* ``gateway_vllm``: ``tandem serve`` whose verifier is a real vLLM started through ``tandem
+  verifier`` (the ``vllm_server`` fixture of tests/decoding, reused);
+* ``gateway_dead``: ``tandem serve`` whose remote verifier is unreachable: 503s and verifier errors;
+* ``split_worker``: ``tandem split-worker`` with a 2 s session TTL, driven by ``split_edge`` (real
+  edge code; the gateway does not route to split workers yet), which pauses past the TTL once;
+* ``prometheus``: the Debian ``prometheus`` binary, with docker/prometheus/prometheus.yml (its job
+  names, its rules) and only the targets and intervals replaced: scrape every second, targets on
+  localhost.
+
+Missing programs make these tests FAIL with the install command (no skips): CI installs them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+import tests.conftest as root_conftest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKER = REPO / "docker"
+START_TIMEOUT_S = 300.0  # importing torch in four processes at once, on a busy 2-core machine
+
+# vLLM's fixtures live in tests/decoding/conftest.py; one vLLM per session is enough, so they are
+# used from there (a second definition here would start a second vLLM).
+if not hasattr(root_conftest, "vllm_server"):
+    from tests.decoding.conftest import vllm_pair, vllm_server  # noqa: F401
+
+
+def require(program: str, install: str) -> str:
+    path = shutil.which(program) or (str(Path(sys.executable).parent / program) if (Path(sys.executable).parent / program).exists() else None)
+    if path is None:
+        pytest.fail(f"{program} is not installed; the deploy tests run the real program. Install it with: {install}", pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_http(self, path: str, timeout: float = START_TIMEOUT_S, status: int = 200) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(self.url + path, timeout=5).status_code == status:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.name}: {path} did not answer {status} in {timeout:.0f}s:\n{self.log()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def spawn(name: str, cmd: list[str], log_dir: Path, port: int, env: dict[str, str] | None = None, stdin=None) -> Proc:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=stdin,
+                                preexec_fn=_die_with_parent)  # fmt: skip
+    return Proc(name, proc, port, log_path)
+
+
+def tandem_serve(name: str, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
+    port = free_port()
+    return spawn(name, [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args], log_dir, port, env)
+
+
+@dataclass
+class Stack:
+    gateway: Proc
+    gateway_vllm: Proc
+    gateway_dead: Proc
+    split_worker: Proc
+    split_edge: Proc
+    vllm_url: str
+    verifier_dir: Path
+    drafter_dir: Path
+    log_dir: Path
+
+    def tandem_targets(self) -> list[Proc]:
+        return [self.gateway, self.gateway_vllm, self.gateway_dead, self.split_edge]
+
+
+@pytest.fixture(scope="session")
+def stack(request, vllm_pair, tmp_path_factory) -> Iterator[Stack]:
+    verifier, drafter = vllm_pair
+    log_dir = tmp_path_factory.mktemp("deploy-logs")
+    procs: list[Proc] = []
+    try:
+        gateway = tandem_serve("gateway", log_dir, "--verifier", str(verifier), "--drafter", str(drafter),
+                               "--max-concurrency", "2", "--max-queue", "2", "--request-timeout", "120")  # fmt: skip
+        procs.append(gateway)
+        dead = tandem_serve(
+            "gateway-dead", log_dir, "--verifier", f"http://127.0.0.1:{free_port()}", "--drafter", str(drafter),
+            env={"TANDEM_VERIFIER_TIMEOUT_S": "1", "TANDEM_VERIFIER_RETRIES": "0"},
+        )
+        procs.append(dead)
+        wport = free_port()
+        worker = spawn("split-worker", [sys.executable, "-m", "service.cli", "split-worker", "--model", str(verifier),
+                                        "--layers", "1:3", "--port", str(wport), "--session-ttl", "2"], log_dir, wport)  # fmt: skip
+        procs.append(worker)
+        eport = free_port()
+        edge = spawn(
+            "split-edge", [sys.executable, "-m", "tests.deploy.split_edge", "--metrics-port", str(eport), "--pause", "4"],
+            log_dir, eport, stdin=subprocess.PIPE,
+            env={"TANDEM_SPLIT_WORKER_URL": f"http://127.0.0.1:{wport}", "TANDEM_SPLIT_MODEL": str(verifier),
+                 "TANDEM_SPLIT_LAYERS": "1:3", "TANDEM_VERIFIER": str(verifier), "TANDEM_DRAFTER": str(drafter)},
+        )  # fmt: skip
+        procs.append(edge)
+        # vLLM starts (about a minute or more) while the tandem processes import torch.
+        vllm = request.getfixturevalue("vllm_server")
+        gateway_vllm = tandem_serve("gateway-vllm", log_dir, "--verifier", vllm.url, "--drafter", str(drafter))
+        procs.append(gateway_vllm)
+        gateway.wait_http("/ready")
+        dead.wait_http("/health")
+        worker.wait_http("/health")
+        edge.wait_http("/metrics")
+        gateway_vllm.wait_http("/ready")
+        yield Stack(gateway, gateway_vllm, dead, worker, edge, vllm.url, verifier, drafter, log_dir)
+    finally:
+        codes = {p.name: p.stop() for p in reversed(procs)}
+    bad = {n: c for n, c in codes.items() if n.startswith("gateway") and c != 0}
+    assert not bad, f"gateways did not drain and exit 0 on SIGTERM: {bad}; logs in {log_dir}"
+
+
+def prometheus_config(stack: Stack, rules_dir: Path, port: int) -> dict:
+    """docker/prometheus/prometheus.yml with local targets, 1 s intervals and absolute rule paths."""
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    config["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
+    config["rule_files"] = [str(rules_dir / Path(f).name) for f in config["rule_files"]]
+    targets = {
+        "tandem": [p.target for p in stack.tandem_targets()],
+        "tandem-split-worker": [stack.split_worker.target],
+        "vllm": [stack.vllm_url.removeprefix("http://")],
+        "prometheus": [f"127.0.0.1:{port}"],
+    }
+    for job in config["scrape_configs"]:
+        if job["job_name"] in targets:
+            job["static_configs"] = [{"targets": targets.pop(job["job_name"])}]
+    assert not targets, f"docker/prometheus/prometheus.yml lacks the jobs {sorted(targets)}"
+    return config
+
+
+@dataclass
+class Prometheus:
+    proc: Proc
+
+    @property
+    def url(self) -> str:
+        return self.proc.url
+
+    def api(self, path: str, **params) -> dict:
+        resp = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
+        body = resp.json()
+        assert resp.status_code == 200 and body["status"] == "success", f"{path} {params}: {resp.status_code} {body}"
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", (expr, data["resultType"])
+        return data["result"]
+
+    def wait_scrapes(self, n: int = 3) -> None:
+        """Wait until every target has been scraped n more times (1 s interval)."""
+        def last_scrapes() -> dict[str, str]:
+            return {t["scrapeUrl"]: t["lastScrape"] for t in self.api("targets")["activeTargets"]}
+
+        seen = last_scrapes()
+        for _ in range(n):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                now = last_scrapes()
+                if all(now[u] != seen[u] for u in seen):
+                    seen = now
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"Prometheus stopped scraping: {now}")
+
+
+@pytest.fixture(scope="session")
+def prometheus(stack, tmp_path_factory) -> Iterator[Prometheus]:
+    binary = require("prometheus", "apt-get install -y prometheus")
+    root = tmp_path_factory.mktemp("prometheus")
+    rules = root / "rules"
+    shutil.copytree(DOCKER / "prometheus" / "rules", rules)
+    port = free_port()
+    config_path = root / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(prometheus_config(stack, rules, port)))
+    proc = spawn("prometheus", [binary, f"--config.file={config_path}", f"--storage.tsdb.path={root / 'data'}",
+                                f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stack.log_dir, port)  # fmt: skip
+    try:
+        proc.wait_http("/-/ready", timeout=60)
+        prom = Prometheus(proc)
+        prom.wait_scrapes(2)
+        yield prom
+    finally:
+        proc.stop()
