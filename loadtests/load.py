@@ -390,10 +390,17 @@ def spec_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> d
 # -- a run -----------------------------------------------------------------------------------------
 
 
+def arrival_gap(rate: float, burstiness: float, rng: random.Random) -> float:
+    """Seconds to the next request: gamma(shape=burstiness, scale=1/(rate*burstiness)), mean 1/rate, as vLLM.
+    Burstiness 1 gives exponential gaps (a Poisson process); the coefficient of variation is 1/sqrt(burstiness)."""
+    if math.isinf(rate):
+        return 0.0
+    return rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+
+
 async def arrivals(cfg: RunConfig, n_prompts: int, rng: random.Random) -> AsyncIterator[int]:
     """Prompt indices at the request rate (gamma gaps, as vLLM), until num_prompts or duration."""
     t0 = time.perf_counter()
-    theta = 1.0 / (cfg.request_rate * cfg.burstiness) if not math.isinf(cfg.request_rate) else 0.0
     i = 0
     while True:
         if cfg.duration is not None:
@@ -403,8 +410,8 @@ async def arrivals(cfg: RunConfig, n_prompts: int, rng: random.Random) -> AsyncI
             return
         yield i % n_prompts
         i += 1
-        if theta:
-            await asyncio.sleep(rng.gammavariate(cfg.burstiness, theta))
+        if not math.isinf(cfg.request_rate):
+            await asyncio.sleep(arrival_gap(cfg.request_rate, cfg.burstiness, rng))
 
 
 def resolve_model(client: httpx.Client) -> str:
@@ -413,7 +420,10 @@ def resolve_model(client: httpx.Client) -> str:
     return resp.json()["data"][0]["id"]
 
 
-async def run_load(cfg: RunConfig, prompts: list[Prompt], model: str, tok: TokenCounter | None) -> tuple[list[RequestResult], float]:
+async def run_load(
+    cfg: RunConfig, prompts: list[Prompt], model: str, tok: TokenCounter | None, metrics_url: str | None = None
+) -> tuple[list[RequestResult], float, dict[str, Any]]:
+    """Send the run's requests; return the results, the duration and the /metrics deltas (probe excluded)."""
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=cfg.max_concurrency or 100)
     timeout = httpx.Timeout(cfg.timeout, connect=min(cfg.timeout, 30.0))
@@ -424,6 +434,7 @@ async def run_load(cfg: RunConfig, prompts: list[Prompt], model: str, tok: Token
             probe = await send_request(client, cfg, model, prompts[0], time.perf_counter(), tok)
             if not probe.success:
                 raise SystemExit(f"load: the initial test request failed with {probe.status}: {probe.error}")
+        before = await asyncio.to_thread(scrape, metrics_url)
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -472,7 +483,8 @@ async def run_load(cfg: RunConfig, prompts: list[Prompt], model: str, tok: Token
         duration = time.perf_counter() - t_run
         if bar is not None:
             bar.close()
-    return results, duration
+        after = await asyncio.to_thread(scrape, metrics_url)
+    return results, duration, spec_delta(before, after)
 
 
 def _pct(values: Sequence[float], q: float) -> float | None:
@@ -619,10 +631,8 @@ def run(cfg: RunConfig, prepared: tuple[list[Prompt], str, TokenCounter] | None 
     """Run one load test and return its summary (what ``--json`` writes)."""
     prompts, model, tok = prepared or prepare(cfg)
     metrics_url = cfg.base_url.rstrip("/") + "/metrics" if cfg.metrics_url == "" else cfg.metrics_url
-    before = scrape(metrics_url)
-    results, duration = asyncio.run(run_load(cfg, prompts, model, tok))
-    after = scrape(metrics_url)
-    res = summarize(cfg, results, duration, spec_delta(before, after))
+    results, duration, spec = asyncio.run(run_load(cfg, prompts, model, tok, metrics_url))
+    res = summarize(cfg, results, duration, spec)
     res["model"] = model
     res["base_url"] = cfg.base_url
     res["endpoint"] = cfg.endpoint
