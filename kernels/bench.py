@@ -127,7 +127,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
         default=["torch", "triton", "triton-touched", "vllm"],
         help="implementations to time (vllm only if importable)",
     )
-    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s (default: by GPU name)")
+    parser.add_argument(
+        "--peak-gbps", type=float, default=None, help="peak memory bandwidth in GB/s (default: by GPU name)"
+    )
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup time, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench measurement time, ms")
     parser.add_argument("--seed", type=int, default=0, help="seed for the random inputs")
@@ -240,7 +242,8 @@ def smoke(args) -> int:
                 g = torch.Generator(device=device).manual_seed(args.seed)
                 u = torch.rand(B, K, device=device, generator=g)
                 e = torch.empty(B, V, device=device).exponential_(generator=g)
-                want = reference.verify_drafts(drafts, lens, p, q, torch.Generator(device=device).manual_seed(args.seed))
+                g = torch.Generator(device=device).manual_seed(args.seed)
+                want = reference.verify_drafts(drafts, lens, p, q, g)
                 got = tv.verify_drafts_triton(drafts, lens, p, q, _noise=(u, e))
                 ok = torch.equal(got.tokens, want.tokens) and torch.equal(got.num_accepted, want.num_accepted)
             failures += not ok
@@ -251,62 +254,18 @@ def smoke(args) -> int:
 
 
 def bench(args) -> int:
-    import triton.testing
     from tqdm import tqdm
-
-    import kernels
-    from kernels import triton_verify as tv
 
     device = torch.device(getattr(args, "device", "cuda"))  # overridable only for a dry run of this code
     name = torch.cuda.get_device_name(device)
     peak = args.peak_gbps or peak_gbps_for(name)
     if peak is None:
         print(f"warning: unknown peak bandwidth for {name!r}; pass --peak-gbps to get fractions", file=sys.stderr)
-    dtype = getattr(torch, args.dtype)
-    itemsize = torch.empty((), dtype=dtype).element_size()
 
     configs = [(m, B, K, V) for m in args.mode for V in args.vocab for K in args.k for B in args.batch]
     rows: list[Row] = []
     for mode, B, K, V in tqdm(configs, desc="verify bench", unit="shape"):
-        drafts, lens, p, q = make_inputs(mode, B, K, V, dtype, device, args.seed)
-        g = torch.Generator(device=device)
-        impls = {
-            "torch": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="torch"),
-            "triton": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="triton"),
-            "triton-touched": lambda: tv.verify_drafts_triton(drafts, lens, p, q, g, nan_check="touched"),
-        }
-        notes = {}
-        if "vllm" in args.impl:
-            fn, why = vllm_runner(mode, drafts, lens, p, q)
-            if fn is not None:
-                impls["vllm"] = fn
-            else:
-                notes["vllm"] = why
-        # Never time a wrong kernel: greedy must match exactly, sampling must be a valid draw.
-        want = impls["torch"]()
-        got = impls["triton"]()
-        if mode == "greedy":
-            assert torch.equal(got.tokens, want.tokens), f"greedy mismatch at {(B, K, V)}"
-        else:
-            n = got.num_accepted
-            assert bool(((n >= 0) & (n <= lens)).all()), f"invalid num_accepted at {(B, K, V)}"
-        nbytes = model_bytes(mode, B, K, V, itemsize)
-        times: dict[str, float] = {}
-        for impl in args.impl:
-            if impl not in impls:
-                rows.append(Row(mode, B, K, V, args.dtype, impl, None, None, nbytes, None, None, notes.get(impl, "")))
-                continue
-            ms = triton.testing.do_bench(impls[impl], warmup=args.warmup, rep=args.rep, return_mode="median")
-            times[impl] = ms
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.append(
-                Row(mode, B, K, V, args.dtype, impl, ms * 1e3, None, nbytes, gbps, gbps / peak if peak else None,
-                    "reads B*K rows of p (bonus sampled outside)" if impl == "vllm" else "")
-            )  # fmt: skip
-        for row in rows:
-            if (row.mode, row.B, row.K, row.V) == (mode, B, K, V) and row.time_us and "torch" in times:
-                row.speedup_vs_torch = times["torch"] * 1e3 / row.time_us
-        del drafts, lens, p, q, impls
+        rows += bench_shape(args, mode, B, K, V, device, peak)
         torch.cuda.empty_cache()
 
     print(render_table(rows, name, peak))
@@ -334,6 +293,61 @@ def bench(args) -> int:
             )  # fmt: skip
         print(f"wrote {args.json}")
     return 0
+
+
+def bench_shape(args, mode: str, B: int, K: int, V: int, device, peak: float | None) -> list[Row]:
+    """Time every requested implementation on one shape."""
+    import triton.testing
+
+    import kernels
+    from kernels import triton_verify as tv
+
+    dtype = getattr(torch, args.dtype)
+    drafts, lens, p, q = make_inputs(mode, B, K, V, dtype, device, args.seed)
+    g = torch.Generator(device=device)
+    impls = {
+        "torch": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="torch"),
+        "triton": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="triton"),
+        "triton-touched": lambda: tv.verify_drafts_triton(drafts, lens, p, q, g, nan_check="touched"),
+    }
+    notes = {"vllm": "reads B*K rows of p (bonus sampled outside)"}
+    if "vllm" in args.impl:
+        fn, why = vllm_runner(mode, drafts, lens, p, q)
+        if fn is not None:
+            impls["vllm"] = fn
+        else:
+            notes["vllm"] = why
+    # Never time a wrong kernel: greedy must match exactly, sampling must be a valid draw.
+    want = impls["torch"]()
+    got = impls["triton"]()
+    if mode == "greedy":
+        assert torch.equal(got.tokens, want.tokens), f"greedy mismatch at {(B, K, V)}"
+    else:
+        n = got.num_accepted
+        assert bool(((n >= 0) & (n <= lens)).all()), f"invalid num_accepted at {(B, K, V)}"
+
+    nbytes = model_bytes(mode, B, K, V, p.element_size())
+    times = {
+        impl: triton.testing.do_bench(impls[impl], warmup=args.warmup, rep=args.rep, return_mode="median")
+        for impl in args.impl
+        if impl in impls
+    }
+    rows = []
+    for impl in args.impl:
+        ms = times.get(impl)
+        gbps = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+        rows.append(
+            Row(
+                mode=mode, B=B, K=K, V=V, dtype=args.dtype, impl=impl,
+                time_us=None if ms is None else ms * 1e3,
+                speedup_vs_torch=None if ms is None or "torch" not in times else times["torch"] / ms,
+                model_bytes=nbytes,
+                model_gbps=gbps,
+                peak_fraction=None if gbps is None or not peak else gbps / peak,
+                note=notes.get(impl, ""),
+            )
+        )  # fmt: skip
+    return rows
 
 
 def render_table(rows: list[Row], device_name: str, peak: float | None) -> str:

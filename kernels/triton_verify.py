@@ -54,7 +54,9 @@ if it is set, calls ``check_inputs`` to raise the reference's own error message.
 With ``nan_check="full"`` (the default) every element of p and q is checked for
 NaN, exactly like the reference: the kernels then read p and q once in full. With
 ``nan_check="touched"`` only the elements the maths needs are read and checked,
-which for sampling is about 2 of the 2K+1 vocabulary rows per request.
+which for sampling is about 2 of the 2K+1 vocabulary rows per request. Reading
+the flag is the launcher's one host synchronisation (so a call cannot be captured
+in a CUDA graph as it stands).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ import triton
 import triton.language as tl
 
 from kernels.reference import PAD, VerificationResult, check_inputs
+
+# The kernels write PAD as a literal; keep them in step with the reference.
+assert PAD == -1
 
 __all__ = ["verify_drafts_triton", "INTERPRETED"]
 
