@@ -56,7 +56,7 @@ class DemoRecipe:
     seq_len: int = 256  # training window
     verifier: TinySpec = TinySpec(hidden_size=128, num_layers=12, num_heads=4, num_kv_heads=2, intermediate_size=512)
     drafter: TinySpec = TinySpec(hidden_size=128, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=384)
-    verifier_steps: int = 200
+    verifier_steps: int = 450
     verifier_batch: int = 8
     verifier_lr: float = 3e-3
     distill_batches: int = 40  # windows cached with the verifier's soft targets

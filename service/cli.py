@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="scale the step counts to about M minutes of training (from fixed nominal rates, so still deterministic)",
     )
-    b.add_argument("--verifier-steps", type=int, metavar="N", help="verifier pretraining steps (default: 200)")
+    b.add_argument("--verifier-steps", type=int, metavar="N", help="verifier pretraining steps (default: 450)")
     b.add_argument("--distill-batches", type=int, metavar="N", help="cached soft-target batches (default: 40)")
     b.add_argument("--drafter-epochs", type=int, metavar="N", help="drafter passes over those batches (default: 5)")
     b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: 1)")
