@@ -112,10 +112,10 @@ def test_split_speculative_is_token_identical_to_split_plain(
     # "perfect": the verifier drafting for itself (everything accepted, k+1 tokens per round trip).
     lm = tiny_drafter_lm if drafter_name == "bad" else tiny_verifier_lm
     drafter = HFDrafter(lm, cost_ratio=0.05)
-    split = "1:2"
-    plain = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, PROMPTS, PLAIN))
-    spec = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, PROMPTS, SPEC, drafter))
-    for p, s, prompt in zip(plain, spec, PROMPTS):
+    split, prompts = "1:2", PROMPTS[:2]
+    plain = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, prompts, PLAIN))
+    spec = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, prompts, SPEC, drafter))
+    for p, s, prompt in zip(plain, spec, prompts):
         assert s.token_ids == p.token_ids == reference[prompt]
     rounds = sum(s.stats.rounds for s in spec)
     tokens = sum(len(s.token_ids) for s in spec)
@@ -208,13 +208,13 @@ def test_edge_refuses_a_worker_serving_another_slice(edges, tiny_workers):
     asyncio.run(run())
 
 
-def test_kill_and_restart_mid_generation(tiny_verifier_dir, edges, tokenizer, reference):
-    worker = WorkerProcess(tiny_verifier_dir, "1:2").start()
+def test_kill_and_restart_mid_generation(tiny_workers, edges, tokenizer, reference):
+    worker = tiny_workers["1:3"]  # shared: it comes back on the same port with the same slice
     prompt = PROMPTS[1]
     replays_before = metric("tandem_split_replays_total", reason="unknown_session")
 
     async def run() -> list[int]:
-        verifier = split_verifier(edges["1:2"], worker, reconnect_s=60)
+        verifier = split_verifier(edges["1:3"], worker, reconnect_s=120)
         router = SpeculativeRouter(verifier, None, tokenizer)
         tokens: list[int] = []
         try:
@@ -222,7 +222,7 @@ def test_kill_and_restart_mid_generation(tiny_verifier_dir, edges, tokenizer, re
                 tokens += chunk.token_ids
                 if len(tokens) == 8:
                     worker.kill()  # mid-generation: the worker loses every session
-                    worker.spawn()  # and comes back on the same port a few seconds later
+                    worker.spawn()  # and comes back on the same port seconds later
         finally:
             await verifier.aclose()
         return tokens
@@ -231,7 +231,7 @@ def test_kill_and_restart_mid_generation(tiny_verifier_dir, edges, tokenizer, re
         assert asyncio.run(run()) == reference[prompt]
         assert metric("tandem_split_replays_total", reason="unknown_session") == replays_before + 1
     finally:
-        worker.stop()
+        worker.wait_ready()
 
 
 def test_worker_unreachable_is_a_503_class_error(edges, tiny_verifier_dir):
