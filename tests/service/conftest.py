@@ -134,51 +134,123 @@ def model_args(verifier: Path, drafter: Path) -> tuple[str, ...]:
     return ("--verifier", str(verifier), "--drafter", str(drafter))
 
 
-@pytest.fixture(scope="session")
-def server(tiny_pair, tmp_path_factory) -> Iterator[ServerProcess]:
-    """The main gateway: tiny pair, speculative by default, 4 slots, queue 16, no auth."""
-    log = tmp_path_factory.mktemp("server") / "serve.log"
-    s = start_server(log, *model_args(*tiny_pair), "--max-concurrency", "4", "--max-queue", "16")
-    yield s
-    assert s.stop() == 0, s.log()[-3000:]
-
+# -- the servers ------------------------------------------------------------------------------------
+# Every server the selected tests need is spawned at once, when the first one is requested, so
+# their start-ups (importing torch, loading models) overlap; each fixture then waits for its own.
 
 LIMITED_KEY = "sk-test-limited-0123456789"
 LIMITED_OTHER_KEY = "sk-test-second-key"
+SERVER_FIXTURES = ("server", "limited_server", "fuzz_server", "verifier_down_server", "drain_server")
 
 
-@pytest.fixture(scope="session")
-def limited_server(tiny_pair, tmp_path_factory) -> Iterator[ServerProcess]:
+def pytest_collection_modifyitems(config, items):
+    config._tandem_servers = {name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVER_FIXTURES}
+
+
+def _spec_server(request, root: Path) -> dict:
+    """The main gateway: tiny pair, speculative by default, 4 slots, queue 16, no auth."""
+    return dict(args=(*model_args(*request.getfixturevalue("tiny_pair")), "--max-concurrency", "4", "--max-queue", "16"))
+
+
+def _spec_limited_server(request, root: Path) -> dict:
     """Auth on (keys from TANDEM_API_KEYS), 1 slot, queue 1, a 4 s request timeout; settings from a YAML file."""
-    root = tmp_path_factory.mktemp("limited")
+    verifier, drafter = request.getfixturevalue("tiny_pair")
     config = root / "tandem.yaml"
     config.write_text(
-        f"verifier: {tiny_pair[0]}\n"
-        f"drafter: {tiny_pair[1]}\n"
+        f"verifier: {verifier}\n"
+        f"drafter: {drafter}\n"
         "model_name: tiny-limited\n"
         "max_concurrency: 1\n"
         "max_queue: 1\n"
         "request_timeout_s: 4\n"
         "shutdown_grace_s: 2\n"
     )
-    s = start_server(
-        root / "serve.log",
-        "--config",
-        str(config),
+    return dict(
+        args=("--config", str(config)),
         env={"TANDEM_API_KEYS": f"{LIMITED_KEY},{LIMITED_OTHER_KEY}"},
         api_key=LIMITED_KEY,
         model="tiny-limited",
     )
+
+
+def _spec_fuzz_server(request, root: Path) -> dict:
+    """64-token context models: every generation is short, so fuzzing stays fast."""
+    return dict(args=(*model_args(*request.getfixturevalue("short_context_pair")), "--max-concurrency", "2",
+                      "--max-queue", "64"))  # fmt: skip
+
+
+def _spec_verifier_down_server(request, root: Path) -> dict:
+    """The verifier is a vLLM URL where nothing listens: a real outage (the drafter is local)."""
+    return dict(
+        args=("--verifier", f"http://127.0.0.1:{free_port()}", "--drafter", str(request.getfixturevalue("tiny_drafter_dir"))),
+        env={"TANDEM_VERIFIER_RETRIES": "0", "TANDEM_VERIFIER_TIMEOUT_S": "2"},
+        ready_path="/health",
+    )
+
+
+def _spec_drain_server(request, root: Path) -> dict:
+    """For the SIGTERM test (which stops it): 2 s grace, 2 slots, JSON logs."""
+    return dict(args=(*model_args(*request.getfixturevalue("tiny_pair")), "--shutdown-grace", "2",
+                      "--max-concurrency", "2", "--log-json"))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def _spawned(request, tmp_path_factory) -> Iterator[dict[str, tuple[ServerProcess, str]]]:
+    wanted = getattr(request.config, "_tandem_servers", set(SERVER_FIXTURES))
+    spawned: dict[str, tuple[ServerProcess, str]] = {}
+    for name in SERVER_FIXTURES:
+        if name not in wanted:
+            continue
+        root = tmp_path_factory.mktemp(name)
+        spec = globals()[f"_spec_{name}"](request, root)
+        ready_path = spec.pop("ready_path", "/ready")
+        spawned[name] = (start_server(root / "serve.log", *spec.pop("args"), wait_ready=False, **spec), ready_path)
+    yield spawned
+    for s, _ in spawned.values():
+        s.stop()
+
+
+def _serve(spawned: dict, name: str) -> Iterator[ServerProcess]:
+    s, ready_path = spawned[name]
+    wait_until_up(s, ready_path)
     yield s
     assert s.stop() == 0, s.log()[-3000:]
 
 
 @pytest.fixture(scope="session")
+def server(_spawned) -> Iterator[ServerProcess]:
+    yield from _serve(_spawned, "server")
+
+
+@pytest.fixture(scope="session")
+def limited_server(_spawned) -> Iterator[ServerProcess]:
+    yield from _serve(_spawned, "limited_server")
+
+
+@pytest.fixture(scope="session")
+def fuzz_server(_spawned) -> Iterator[ServerProcess]:
+    yield from _serve(_spawned, "fuzz_server")
+
+
+@pytest.fixture(scope="session")
+def verifier_down_server(_spawned) -> Iterator[ServerProcess]:
+    yield from _serve(_spawned, "verifier_down_server")
+
+
+@pytest.fixture
+def drain_server(_spawned) -> ServerProcess:
+    s, ready_path = _spawned["drain_server"]
+    wait_until_up(s, ready_path)
+    return s  # the test stops it
+
+
+@pytest.fixture(scope="session")
 def short_context_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny pair with a 64-token context: every generation is short, so fuzzing stays fast."""
-    from decoding.tiny_models import TINY_DRAFTER, TINY_VERIFIER, build_model, build_tiny_pair
-    from decoding.causal_lm import load_tokenizer
+    """A tiny pair with a 64-token context."""
     from dataclasses import replace
+
+    from decoding.causal_lm import load_tokenizer
+    from decoding.tiny_models import TINY_DRAFTER, TINY_VERIFIER, build_model, build_tiny_pair
 
     root = tmp_path_factory.mktemp("shortctx")
     verifier, _ = build_tiny_pair(root / "base", seed=3)
@@ -186,11 +258,3 @@ def short_context_pair(tmp_path_factory) -> tuple[Path, Path]:
     v = build_model(root / "verifier", tokenizer, replace(TINY_VERIFIER, max_position_embeddings=64), seed=3)
     d = build_model(root / "drafter", tokenizer, replace(TINY_DRAFTER, max_position_embeddings=64), seed=4)
     return v, d
-
-
-@pytest.fixture(scope="session")
-def fuzz_server(short_context_pair, tmp_path_factory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("fuzz") / "serve.log"
-    s = start_server(log, *model_args(*short_context_pair), "--max-concurrency", "2", "--max-queue", "64")
-    yield s
-    assert s.stop() == 0, s.log()[-3000:]
