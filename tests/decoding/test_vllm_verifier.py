@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import threading
 import time
@@ -27,7 +26,7 @@ from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.tiny_models import train_bpe_tokenizer
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from decoding.vllm_verifier import VerifierIncompatibleError, VLLMVerifier
-from loadtests.bench_vllm import parse_metrics, sample_text
+from loadtests.bench_vllm import sample_text
 from loadtests.delay_proxy import DelayProxy
 
 BLOCK = 32  # the test server's --block-size (conftest.TEST_SERVER_ARGS)
