@@ -371,6 +371,8 @@ class Job:
     async def next_event(self) -> tuple[str, int, Any]:
         """The next CHUNK, ERROR or ABORT event; (DONE, -1, None) once every choice is done."""
         while True:
+            if self.abort_reason is not None:  # an abort jumps the queue: chunks still buffered are dropped
+                return ABORT, -1, self.abort_reason
             if self.remaining == 0 and self.events.empty():
                 return DONE, -1, None
             kind, index, payload = await self.events.get()

@@ -189,9 +189,9 @@ def _spec_verifier_down_server(request, root: Path) -> dict:
 
 
 def _spec_drain_server(request, root: Path) -> dict:
-    """For the SIGTERM test (which stops it): 2 s grace, 2 slots, JSON logs."""
+    """For the SIGTERM test (which stops it): 2 s grace, 5 slots, JSON logs."""
     return dict(args=(*model_args(*request.getfixturevalue("tiny_pair")), "--shutdown-grace", "2",
-                      "--max-concurrency", "2", "--log-json"))  # fmt: skip
+                      "--max-concurrency", "5", "--log-json"))  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -212,8 +212,13 @@ def test_keys_never_reach_logs(limited_server):
 # -- 429 and 504 (1 slot, queue 1, 4 s timeout) ---------------------------------------------------------
 
 
-def _long_stream(server, results: dict, name: str, max_tokens: int = 1500) -> None:
-    body = {"model": "tiny-limited", "prompt": PROMPT, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+# Far longer than the 4 s timeout on any machine: with 1 slot, the 4 choices run one after the
+# other, 2000 verifier passes each.
+SLOW = {"max_tokens": 2000, "n": 4, "ignore_eos": True, "tandem": {"mode": "verifier-only"}}
+
+
+def _long_stream(server, results: dict, name: str) -> None:
+    body = {"model": "tiny-limited", "prompt": PROMPT, "stream": True, **SLOW}
     try:
         with httpx.stream("POST", server.base_url + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {LIMITED_KEY}"}) as r:  # fmt: skip
@@ -262,8 +267,7 @@ def test_queue_overflow_is_429_with_retry_after_and_timeouts_are_504(limited_ser
 
     # a non-streamed request past the timeout: 504 with the OpenAI body
     t0 = time.monotonic()
-    r = s.http.post("/v1/completions", json={"model": "tiny-limited", "prompt": PROMPT, "max_tokens": 1900,
-                                             "ignore_eos": True})  # fmt: skip
+    r = s.http.post("/v1/completions", json={"model": "tiny-limited", "prompt": PROMPT, **SLOW})
     assert_error(r, 504, code="request_timeout")
     assert time.monotonic() - t0 < 10
     # and the slot is free again

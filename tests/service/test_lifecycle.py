@@ -31,6 +31,10 @@ def long_body(model: str = "tandem", **extra) -> dict:
     return {"model": model, "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, **extra}
 
 
+# Long on any machine: 4 choices x 2000 verifier passes, all on the verifier's one worker thread.
+SLOW = {"n": 4, "tandem": {"mode": "verifier-only"}}
+
+
 # -- client disconnects ------------------------------------------------------------------------------------
 
 
@@ -69,7 +73,7 @@ def test_disconnect_while_queued_leaves_the_queue(limited_server):
     done = threading.Event()
 
     def occupy():
-        body = long_body("tiny-limited", stream=True, tandem={"mode": "verifier-only"})
+        body = long_body("tiny-limited", stream=True, **SLOW)
         with httpx.stream("POST", s.base_url + "/v1/completions", json=body, headers=auth, timeout=60) as r:
             for _ in r.iter_lines():
                 if done.is_set():
@@ -140,7 +144,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_server):
 
     short = threading.Thread(target=stream, args=("short", {"model": "tandem", "prompt": PROMPT, "max_tokens": 40,
                                                             "ignore_eos": True, "stream": True}))  # fmt: skip
-    long = threading.Thread(target=stream, args=("long", long_body(stream=True, tandem={"mode": "verifier-only"})))
+    long = threading.Thread(target=stream, args=("long", long_body(stream=True, **SLOW)))
     long.start()
     assert first_chunk["long"].wait(60)
     short.start()
@@ -164,6 +168,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_server):
     assert '"finish_reason":"length"' in text and "error" not in text
     status, text = results["long"]
     assert status == 200 and text.rstrip().endswith("data: [DONE]"), text[-300:]
+    assert '"finish_reason":"length"' not in text
     assert '"code":"shutting_down"' in text  # cut off at the end of the grace period, with an error event
     assert s.proc.wait(30) == 0
     assert 1.5 < time.monotonic() - t_term < 20
@@ -190,16 +195,19 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_server):
         ("min_draft_tokens: 6\nmax_draft_tokens: 2\n", {}, "draft"),
     ],
 )
-def test_invalid_configuration_fails_at_start_naming_the_setting(tmp_path, config, env, named):
+def test_invalid_configuration_fails_at_start_naming_the_setting(tmp_path, monkeypatch, capsys, config, env, named):
+    from service.cli import main
+
     path = tmp_path / "tandem.yaml"
     path.write_text(config)
-    full_env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("TANDEM_")}
-    r = subprocess.run(
-        [sys.executable, "-m", "service.cli", "serve", "--config", str(path)],
-        cwd=REPO, env={**full_env, **env}, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert r.returncode == 2, r.stderr
-    assert named in r.stderr and "Traceback" not in r.stderr
+    for key in list(__import__("os").environ):
+        if key.startswith("TANDEM_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--config", str(path)]) == 2  # the CLI entry point, in-process: fails before serving
+    err = capsys.readouterr().err
+    assert err.startswith("tandem serve: error: ") and named in err and "Traceback" not in err
 
 
 # -- privacy ------------------------------------------------------------------------------------------------------
