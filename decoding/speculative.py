@@ -17,6 +17,7 @@ models alike). ``verifier-only`` is the same loop with k = 0, and
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +31,7 @@ import kernels
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
-from decoding.verifiers import Verifier
+from decoding.verifiers import Verifier, VerifierUnavailableError
 
 Mode = Literal["speculative", "verifier-only", "drafter-only"]
 MODES: tuple[str, ...] = ("speculative", "verifier-only", "drafter-only")
@@ -83,6 +84,7 @@ class GenerationStats:
     verify_time_s: float = 0.0
     total_time_s: float = 0.0
     draft_length: int = 0  # the adaptive k the next round would draft
+    fallback: str | None = None  # "drafter-only" when the verifier failed and the request went on without it
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -198,6 +200,7 @@ class SpeculativeRouter:
         tokenizer: PreTrainedTokenizerBase,
         options: SpecOptions = SpecOptions(),
         kernel_backend: kernels.Backend = "auto",
+        fallback: Literal["none", "drafter-only"] = "none",
     ):
         if drafter is not None and drafter.vocab_size != verifier.vocab_size:
             raise ValueError(
@@ -208,6 +211,10 @@ class SpeculativeRouter:
         self.tokenizer = tokenizer
         self.options = options
         self.kernel_backend = kernel_backend
+        #: What to do when the verifier is unavailable mid-request: fail
+        #: (VerifierUnavailableError, HTTP 503) or finish the request with the
+        #: drafter alone, flagged in the statistics as ``fallback``.
+        self.fallback = fallback
         self.eos_token_id: int | None = tokenizer.eos_token_id
 
     # -- request checks -------------------------------------------------------
@@ -268,40 +275,59 @@ class SpeculativeRouter:
         generator = torch.Generator().manual_seed(seed)
         stats = GenerationStats(mode=options.mode)
         t_start = time.perf_counter()
-
-        verify = await self.verifier.start(prompt_ids) if options.mode != "drafter-only" else None
-        draft = self.drafter.start(prompt_ids, params, generator) if options.mode != "verifier-only" else None
+        mode = options.mode  # becomes "drafter-only" if the verifier fails and fallback is on
+        generated: list[int] = []
+        verify = draft = None
         tracker = AcceptanceTracker(options, self.drafter.cost_ratio if self.drafter else 0.0)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         limit = min(params.max_tokens, self.verifier.max_context - len(prompt_ids))
         try:
+            if mode != "drafter-only":
+                try:
+                    verify = await self.verifier.start(prompt_ids)
+                except VerifierUnavailableError:
+                    mode = self._fall_back(stats)
+            if mode != "verifier-only":
+                draft = self.drafter.start(prompt_ids, params, generator)
             while True:
                 budget = limit - stats.generated_tokens
-                if options.mode == "drafter-only":
+                if mode == "drafter-only":
                     t0 = time.perf_counter()
                     proposal = await draft.propose(1)
                     stats.draft_time_s += time.perf_counter() - t0
-                    new_tokens, k, num_accepted = proposal.tokens, 0, 0
+                    new_tokens = proposal.tokens
                 else:
                     # Every round emits one verifier token, so draft at most budget - 1.
-                    k = min(tracker.k, budget - 1) if options.mode == "speculative" else 0
+                    k = min(tracker.k, budget - 1) if mode == "speculative" else 0
                     t0 = time.perf_counter()
                     proposal = await draft.propose(k) if k > 0 else EMPTY_DRAFT
                     t1 = time.perf_counter()
-                    logits = await verify.score(proposal.tokens)
+                    try:
+                        logits = await verify.score(proposal.tokens)
+                    except VerifierUnavailableError:
+                        mode = self._fall_back(stats)
+                        await self._close(verify)
+                        verify = None
+                        if draft is None:
+                            draft = self.drafter.start(prompt_ids + generated, params, generator)
+                        else:
+                            draft.extend([])  # roll back this round's unverified draft
+                        continue
                     t2 = time.perf_counter()
                     stats.draft_time_s += t1 - t0
                     stats.verify_time_s += t2 - t1
+                    stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
                     new_tokens, num_accepted = self._accept(proposal, logits, params, generator)
                     stats.record_round(k, num_accepted)
-                    stats.draft_length = tracker.update(k, num_accepted) if options.mode == "speculative" else 0
+                    stats.draft_length = tracker.update(k, num_accepted) if mode == "speculative" else 0
 
                 finish: Literal["stop", "length"] | None = None
                 if not params.ignore_eos and self.eos_token_id in new_tokens:
                     new_tokens = new_tokens[: new_tokens.index(self.eos_token_id) + 1]
                     finish = "stop"
                 new_tokens = new_tokens[:budget]
+                generated += new_tokens
                 stats.generated_tokens += len(new_tokens)
                 text = detok.push(new_tokens)
                 if detok.stopped:
@@ -317,17 +343,27 @@ class SpeculativeRouter:
                         verify.extend(new_tokens)
                     if draft is not None:
                         draft.extend(new_tokens)
-                stats.verifier_forward_passes = verify.forward_passes if verify else 0
                 stats.drafter_forward_passes = draft.forward_passes if draft else 0
                 stats.total_time_s = time.perf_counter() - t_start
                 yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, stats=stats)
                 if finish is not None:
                     return
         finally:
-            if verify is not None:
-                await verify.close()
-            if draft is not None:
-                await draft.close()
+            await self._close(verify)
+            await self._close(draft)
+
+    def _fall_back(self, stats: GenerationStats) -> str:
+        """Switch the request to drafter-only, or re-raise when that is not configured."""
+        if self.fallback != "drafter-only" or self.drafter is None:
+            raise  # called from an except block: re-raises the VerifierUnavailableError
+        stats.fallback = "drafter-only"
+        return "drafter-only"
+
+    @staticmethod
+    async def _close(session) -> None:
+        if session is not None:
+            with contextlib.suppress(Exception):  # a dead verifier must not mask the real outcome
+                await session.close()
 
     def _accept(
         self, proposal: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator

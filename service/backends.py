@@ -77,5 +77,7 @@ def build_backends(settings: TandemSettings) -> Backends:
             ratio = drafter_lm.num_parameters / verifier_lm.num_parameters if verifier_lm else 0.1
         drafter = HFDrafter(drafter_lm, cost_ratio=ratio)
 
-    router = SpeculativeRouter(verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend)
+    router = SpeculativeRouter(
+        verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend, settings.verifier_fallback
+    )
     return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer)

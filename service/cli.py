@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="runs/split-audit", metavar="DIR", help="output directory (default: runs/split-audit)")
     a.set_defaults(func=cmd_split_audit)
+    sub.add_parser(
+        "verifier",
+        help="run the large model in vLLM with tandem's verify route (tandem verifier --model DIR [vllm flags])",
+        description="Start vLLM's OpenAI server with tandem's verify route next to the engine. Every flag is "
+        "passed to vLLM's `serve` unchanged. See tandem verifier --help and docs/vllm-verifier.md.",
+        add_help=False,
+    )
     ld = sub.add_parser(
         "load",
         help="load-test an OpenAI-compatible server (vllm bench serve's definitions)",
@@ -280,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["load"]:  # forwarded whole: the load generator has its own parser
         return cmd_load(argparse.Namespace(load_args=list(argv[1:])))
+    if argv[:1] == ["verifier"]:  # forwarded whole: vLLM's own flags pass through unchanged
+        from decoding.vllm_route import main as verifier_main
+
+        return verifier_main(list(argv[1:]))
     args = parser.parse_args(argv)
     from decoding.causal_lm import ModelLoadError
     from decoding.sampling import InvalidRequestError

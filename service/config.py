@@ -50,7 +50,11 @@ class TandemSettings(BaseSettings):
     # -- remote verifier (vLLM) ---------------------------------------------------
     verifier_timeout_s: float = Field(10.0, gt=0)
     verifier_retries: int = Field(2, ge=0, le=10)
-    verifier_fallback: Literal["none", "drafter-only"] = "none"
+    verifier_backoff_s: float = Field(0.1, ge=0, description="First retry delay; doubles per retry, with jitter.")
+    verifier_api_key: SecretStr | None = Field(None, description="Bearer key of the verifier server, if it has one.")
+    verifier_fallback: Literal["none", "drafter-only"] = Field(
+        "none", description="On an unavailable verifier: fail with 503 ('none') or finish the request drafter-only."
+    )
     verifier_top_logprobs: int = Field(20, ge=1, le=1024)
     verifier_api: Literal["tandem", "stock"] = "tandem"
 

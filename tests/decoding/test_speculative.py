@@ -310,3 +310,62 @@ def test_bad_prompts_fail_clearly_and_the_router_keeps_working(tiny_verifier_lm,
             generate(router, ids, params)
         assert err.value.param == param
     assert len(generate(router, [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True)).token_ids) == 5
+
+
+# -- verifier faults ---------------------------------------------------------------
+
+
+class FailingVerifier:
+    """Fault injection (a fake by necessity: an in-process model cannot go down):
+    the real HFVerifier, whose sessions raise VerifierUnavailableError from the
+    ``fail_at``-th score call on (0 = already at start)."""
+
+    def __init__(self, lm, fail_at: int):
+        self.inner = HFVerifier(lm)
+        self.name, self.vocab_size, self.max_context = "failing", lm.vocab_size, lm.max_context
+        self.fail_at = fail_at
+
+    async def start(self, prompt_ids):
+        from decoding.verifiers import VerifierUnavailableError
+
+        if self.fail_at == 0:
+            raise VerifierUnavailableError("verifier unreachable (injected)")
+        session, calls, fail_at = await self.inner.start(prompt_ids), [0], self.fail_at
+
+        async def score(draft):
+            calls[0] += 1
+            if calls[0] >= fail_at:
+                raise VerifierUnavailableError("verifier unreachable (injected)")
+            return await original(draft)
+
+        original = session.score
+        session.score = score
+        return session
+
+
+@pytest.mark.parametrize("fail_at", [0, 3])
+def test_verifier_failure_falls_back_to_drafter_only_when_configured(fail_at, tiny_verifier_lm, tiny_drafter_lm,
+                                                                     tiny_drafter_dir, tiny_tokenizer):
+    from decoding.verifiers import VerifierUnavailableError
+
+    ids = tiny_tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    strict = SpeculativeRouter(FailingVerifier(tiny_verifier_lm, fail_at), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    with pytest.raises(VerifierUnavailableError):
+        generate(strict, ids, params)
+
+    lenient = SpeculativeRouter(FailingVerifier(tiny_verifier_lm, fail_at), HFDrafter(tiny_drafter_lm), tiny_tokenizer,
+                                fallback="drafter-only")
+    out = generate(lenient, ids, params)
+    assert out.stats.fallback == "drafter-only" and len(out.token_ids) == 24
+    # Rounds verified before the failure emitted (rounds + accepted) tokens: the
+    # verifier's own greedy output. The rest is the drafter's greedy continuation.
+    m = out.stats.rounds + out.stats.accepted_tokens
+    assert out.stats.rounds == max(fail_at - 1, 0)
+    verified = generate(SpeculativeRouter(HFVerifier(tiny_verifier_lm), None, tiny_tokenizer), ids, params,
+                        VERIFIER_ONLY)
+    assert out.token_ids[:m] == verified.token_ids[:m]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_drafter_dir).eval()
+    prefix = ids + out.token_ids[:m]
+    rest = hf.generate(torch.tensor([prefix]), max_new_tokens=24 - m, do_sample=False)[0, len(prefix):].tolist()
+    assert out.token_ids[m:] == rest
