@@ -7,7 +7,8 @@ What runs (session-scoped, started in parallel; everything is a real program):
   an overload gets 429s;
 * ``gateway_vllm``: ``tandem serve`` whose verifier is a real vLLM started through ``tandem
   verifier`` (the ``vllm_server`` fixture of tests/decoding, reused);
-* ``gateway_dead``: ``tandem serve`` whose remote verifier is unreachable: 503s and verifier errors;
+* ``gateway_dead``: ``tandem serve`` whose remote verifier is unreachable, with the drafter-only
+  fallback on: /ready answers 503 and counts verifier errors, completions fall back to the drafter;
 * ``split_worker``: ``tandem split-worker`` with a 2 s session TTL, driven by ``split_edge`` (real
   edge code; the gateway does not route to split workers yet), which pauses past the TTL once;
 * ``prometheus``: the Debian ``prometheus`` binary, with docker/prometheus/prometheus.yml (its job
@@ -152,7 +153,7 @@ def stack(request, vllm_pair, tmp_path_factory) -> Iterator[Stack]:
         procs.append(gateway)
         dead = tandem_serve(
             "gateway-dead", log_dir, "--verifier", f"http://127.0.0.1:{free_port()}", "--drafter", str(drafter),
-            env={"TANDEM_VERIFIER_TIMEOUT_S": "1", "TANDEM_VERIFIER_RETRIES": "0"},
+            env={"TANDEM_VERIFIER_TIMEOUT_S": "1", "TANDEM_VERIFIER_RETRIES": "0", "TANDEM_VERIFIER_FALLBACK": "drafter-only"},
         )
         procs.append(dead)
         wport = free_port()
