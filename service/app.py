@@ -36,6 +36,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -66,6 +67,8 @@ from service.openai_api import (
 log = logging.getLogger("tandem.gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+#: Larger request bodies get 413 before they are read whole.
+MAX_BODY_BYTES = 32 * 2**20
 #: Prompts longer than this (characters) are tokenized on a worker thread.
 _TOKENIZE_INLINE_CHARS = 8192
 
@@ -663,8 +666,17 @@ class GatewayMiddleware:
             await send(message)
 
         path = scope["path"]
+        too_large = False
+        content_length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if content_length is not None and content_length.isdigit() and int(content_length) > MAX_BODY_BYTES:
+            too_large = True
+        else:
+            receive = _limit_body(receive, MAX_BODY_BYTES)
         try:
-            if gw.api_keys and (path == "/v1" or path.startswith("/v1/")) and not gw.authorized(scope):
+            if too_large:
+                record.error = APIError(413, "the request body is too large", code="request_too_large", reason="invalid")
+                await error_response(record.error)(scope, receive, send_wrapper)
+            elif gw.api_keys and (path == "/v1" or path.startswith("/v1/")) and not gw.authorized(scope):
                 record.error = APIError(
                     401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                     code="invalid_api_key", reason="unauthorized",
@@ -690,6 +702,22 @@ class GatewayMiddleware:
 
 
 _JSON_ROUTES = {"/v1/completions", "/v1/chat/completions"}
+
+
+def _limit_body(receive: Receive, limit: int) -> Receive:
+    """Fail a body without Content-Length (chunked) once it passes ``limit`` bytes: 413."""
+    total = 0
+
+    async def limited() -> Message:
+        nonlocal total
+        message = await receive()
+        if message["type"] == "http.request":
+            total += len(message.get("body", b""))
+            if total > limit:
+                raise StarletteHTTPException(413, "the request body is too large")
+        return message
+
+    return limited
 
 
 def _force_json_content_type(scope: Scope) -> None:

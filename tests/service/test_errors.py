@@ -127,6 +127,21 @@ def test_malformed_bodies_are_400_not_422(server, content, headers):
         assert_error(server.http.post(path, content=content, headers=headers), 400)
 
 
+def test_oversized_body_is_413(server):
+    body = b'{"model": "tandem", "prompt": "' + b"a" * (33 * 2**20) + b'"}'
+    assert_error(server.http.post("/v1/completions", content=body, headers={"content-type": "application/json"}), 413,
+                 code="request_too_large")  # fmt: skip
+
+    def chunks():  # no Content-Length: counted as it arrives
+        yield b'{"model": "tandem", "prompt": "'
+        for _ in range(34):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    assert_error(server.http.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"}),
+                 413, code="request_too_large")  # fmt: skip
+
+
 def test_curl_style_form_content_type_is_read_as_json(server):
     r = server.http.post(
         "/v1/completions",
