@@ -141,7 +141,7 @@ async def run(args) -> dict:
     from decoding.drafters import HFDrafter
     from decoding.sampling import SamplingParams
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.split.edge import SplitVerifier
+    from decoding.split.edge import SplitAwareDrafter, SplitVerifier
     from decoding.split.partition import EdgeModel, load_config, parse_layers
     from decoding.verifiers import HFVerifier
     from loadtests.delay_proxy import DelayProxy
@@ -162,7 +162,8 @@ async def run(args) -> dict:
                            max_draft_tokens=args.k, adaptive=False)
 
     vlm, dlm = CausalLM(verifier_dir), CausalLM(drafter_dir)
-    drafter = HFDrafter(dlm, cost_ratio=dlm.num_parameters / vlm.num_parameters)
+    ratio = args.draft_cost_ratio if args.draft_cost_ratio is not None else dlm.num_parameters / vlm.num_parameters
+    drafter = HFDrafter(dlm, cost_ratio=ratio)
     results: list[dict] = []
 
     def record(name: str, rtt: float | None, r: dict, reference: list | None) -> None:
@@ -187,13 +188,16 @@ async def run(args) -> dict:
         for rtt in args.rtt:
             async with DelayProxy(("127.0.0.1", worker.port), rtt_ms=rtt) as proxy:
                 verifier = SplitVerifier(edge, proxy.url, wire_dtype=wire_dtype)
-                router = SpeculativeRouter(verifier, drafter, tok)
-                await router.generate(prompts[0][:8], SamplingParams(max_tokens=2, ignore_eos=True), plain)  # connect
+                split_drafter = drafter if args.no_measured_cost else SplitAwareDrafter(drafter, verifier)
+                router = SpeculativeRouter(verifier, split_drafter, tok)
+                # Warm-up: opens the connection, and measures a round and a drafter step.
+                await router.generate(prompts[0][:16], SamplingParams(max_tokens=8, ignore_eos=True), spec)
                 p = await timed_generate(router, prompts, params, plain)
                 record("split plain", rtt, p, ref["outputs"])
                 s = await timed_generate(router, prompts, params, spec)
                 record("split speculative", rtt, s, ref["outputs"])
                 results[-1]["speedup_vs_split_plain"] = s["tokens_per_s"] / p["tokens_per_s"]
+                results[-1]["draft_cost_ratio"] = split_drafter.cost_ratio
                 await verifier.aclose()
     finally:
         worker.stop()
@@ -218,16 +222,17 @@ def format_report(report: dict) -> str:
         f"{report['prompts']} prompts x {report['max_tokens']} tokens (prompt {report['prompt_tokens']} tokens), greedy; "
         f"k={report['k']}{' adaptive' if report['adaptive'] else ' fixed'}; torch threads {report['threads']}.",
         "",
-        "| config | RTT ms | tokens/s | tokens/round | up B/token | down B/token | identical | spec/plain |",
-        "|---|---:|---:|---:|---:|---:|:---:|---:|",
+        "| config | RTT ms | tokens/s | tokens/round | up B/token | down B/token | identical | spec/plain | c used |",
+        "|---|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in report["results"]:
         rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}"
         ident = {True: "yes", False: "NO"}.get(r.get("identical_to_unsplit"), "ref")
         sp = f"{r['speedup_vs_split_plain']:.2f}x" if "speedup_vs_split_plain" in r else ""
+        c = f"{r['draft_cost_ratio']:.3f}" if "draft_cost_ratio" in r else ""
         lines.append(
             f"| {r['config']} | {rtt} | {r['tokens_per_s']:.1f} | {r['tokens_per_round'] or 0:.2f} | "
-            f"{r['up_bytes_per_token']:.0f} | {r['down_bytes_per_token']:.0f} | {ident} | {sp} |"
+            f"{r['up_bytes_per_token']:.0f} | {r['down_bytes_per_token']:.0f} | {ident} | {sp} | {c} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -244,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--k", type=int, default=4, help="draft length of the first round (default 4)")
     p.add_argument("--fixed-k", action="store_true", help="keep k fixed instead of adapting it")
+    p.add_argument("--no-measured-cost", action="store_true",
+                   help="split speculative uses the drafter's static cost ratio, not the measured one (SplitAwareDrafter)")
+    p.add_argument("--draft-cost-ratio", type=float, help="drafter step / verifier round cost for the adaptive k "
+                   "(default: the parameter ratio)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=1, help="torch threads in this process (default 1: the worker needs the other core)")

@@ -128,6 +128,8 @@ class SplitVerifier:
             transport=transport,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-edge")
+        #: Exponential moving average of one score() (head + round trip + tail), seconds.
+        self.score_seconds: float | None = None
 
     @classmethod
     def from_pretrained(
@@ -275,6 +277,7 @@ class SplitVerifySession:
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         if self._closed:
             raise VerifierUnavailableError("split session is closed")
+        t0 = time.perf_counter()
         feed = self.pending() + list(draft)
         start = len(self.cached)
         digests = self.v.prefix_digests(self.digests[start - 1] if start else b"", feed) if self.v.noise_scale else []
@@ -292,6 +295,9 @@ class SplitVerifySession:
         if digests:
             self.digests = self.digests[:start] + digests
         self.forward_passes += 1
+        elapsed = time.perf_counter() - t0
+        ema = self.v.score_seconds
+        self.v.score_seconds = elapsed if ema is None else 0.9 * ema + 0.1 * elapsed
         return logits
 
     def extend(self, tokens: Sequence[int]) -> None:
@@ -400,3 +406,67 @@ def _error_of(resp: httpx.Response) -> tuple[str, str]:
         return str(err.get("code") or ""), str(err.get("message") or "")
     except (ValueError, KeyError, TypeError):
         return "", resp.text[:200]
+
+
+class SplitAwareDrafter:
+    """The edge drafter, seen by the split router: its ``cost_ratio`` is measured.
+
+    The router picks k with the classic cost model (k·c + 1 verifier rounds per
+    round), where c is the drafter's cost relative to one verification. For
+    split inference one verification is a network round trip plus the edge's
+    head and tail, so c is far smaller than the parameter ratio, and the best k
+    grows with the RTT. This wrapper times the drafter's steps and the split
+    verifier's rounds (moving averages) and reports their ratio; until both are
+    measured it reports the wrapped drafter's own ratio. The router reads it
+    when a request starts.
+
+    ``aclose`` does not close the wrapped drafter: the gateway owns it (and
+    typically shares it with the speculative router).
+    """
+
+    def __init__(self, drafter: Any, verifier: SplitVerifier):
+        self.inner = drafter
+        self.verifier = verifier
+        self.name = drafter.name
+        self.vocab_size = drafter.vocab_size
+        self.step_seconds: float | None = None
+
+    @property
+    def cost_ratio(self) -> float:
+        round_s = self.verifier.score_seconds
+        if self.step_seconds is None or not round_s:
+            return self.inner.cost_ratio
+        return self.step_seconds / round_s
+
+    def observe(self, seconds: float, steps: int) -> None:
+        per_step = seconds / steps
+        self.step_seconds = per_step if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * per_step
+
+    def start(self, prompt_ids: Sequence[int], params: Any, generator: torch.Generator) -> _TimedDraftSession:
+        return _TimedDraftSession(self, self.inner.start(prompt_ids, params, generator))
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _TimedDraftSession:
+    def __init__(self, owner: SplitAwareDrafter, inner: Any):
+        self.owner = owner
+        self.inner = inner
+
+    @property
+    def forward_passes(self) -> int:
+        return self.inner.forward_passes
+
+    async def propose(self, k: int):
+        t0 = time.perf_counter()
+        draft = await self.inner.propose(k)
+        if k > 0 and draft.tokens:
+            self.owner.observe(time.perf_counter() - t0, k)
+        return draft
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.inner.extend(tokens)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -137,3 +137,22 @@ def test_route_policy():
     assert route(always, None) == (True, "verifier-only")
     assert route(always, "speculative") == (True, "speculative")
     assert route(always, "drafter-only") == (False, "drafter-only")
+
+
+DEMO = __import__("pathlib").Path(__file__).resolve().parents[3] / "models" / "demo" / "verifier"
+
+
+@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the demo pair (models/demo/) is not present")
+def test_demo_split_points_match_unsplit():
+    from decoding.causal_lm import CausalLM
+
+    lm = CausalLM(DEMO)
+    L = lm.model.config.num_hidden_layers
+    ids = torch.tensor(IDS)
+    with torch.inference_mode():
+        ref = lm.model(input_ids=ids[None]).logits[0].float()
+    for a, b in [(1, L - 1), (1, L), (L // 2, L - 1), (L - 1, L)]:
+        got = full_forward(EdgeModel(DEMO, a, b), BodyModel(DEMO, a, b), ids)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    lm.close()

@@ -15,7 +15,7 @@ from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.split import wire
-from decoding.split.edge import SplitVerifier
+from decoding.split.edge import SplitAwareDrafter, SplitVerifier
 from decoding.split.partition import EdgeModel, model_fingerprint
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from tests.decoding.split.conftest import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
@@ -59,9 +59,11 @@ def split_verifier(edge, worker, **kw) -> SplitVerifier:
     return SplitVerifier(edge, worker.url, **kw)
 
 
-async def split_generate(edge, worker, tokenizer, prompts, options, drafter=None, **kw):
+async def split_generate(edge, worker, tokenizer, prompts, options, drafter=None, measured_cost=False, **kw):
     verifier = split_verifier(edge, worker, **kw)
     try:
+        if measured_cost:
+            drafter = SplitAwareDrafter(drafter, verifier)
         router = SpeculativeRouter(verifier, drafter, tokenizer)
         return [await router.generate(tokenizer.encode(p), GREEDY, options) for p in prompts]
     finally:
@@ -114,7 +116,8 @@ def test_split_speculative_is_token_identical_to_split_plain(
     drafter = HFDrafter(lm, cost_ratio=0.05)
     split, prompts = "1:2", PROMPTS[:2]
     plain = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, prompts, PLAIN))
-    spec = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, prompts, SPEC, drafter))
+    spec = asyncio.run(split_generate(edges[split], tiny_workers[split], tokenizer, prompts, SPEC, drafter,
+                                      measured_cost=drafter_name == "perfect"))
     for p, s, prompt in zip(plain, spec, prompts):
         assert s.token_ids == p.token_ids == reference[prompt]
     rounds = sum(s.stats.rounds for s in spec)
@@ -336,3 +339,20 @@ def test_demo_pair_split_is_token_identical(demo_worker, tiny_verifier_dir):
     spec = asyncio.run(split_generate(edge, demo_worker, tok, prompts, SPEC, HFDrafter(dlm)))
     assert [g.token_ids for g in plain] == ref
     assert [g.token_ids for g in spec] == ref
+
+
+def test_split_aware_drafter_measures_its_cost_ratio(edges, tiny_workers, tokenizer, tiny_drafter_lm):
+    drafter = HFDrafter(tiny_drafter_lm, cost_ratio=0.5)
+
+    async def run():
+        verifier = split_verifier(edges["1:2"], tiny_workers["1:2"])
+        aware = SplitAwareDrafter(drafter, verifier)
+        assert aware.cost_ratio == 0.5  # nothing measured yet
+        router = SpeculativeRouter(verifier, aware, tokenizer)
+        await router.generate(tokenizer.encode(PROMPTS[0]), GREEDY, SPEC)
+        await verifier.aclose()
+        return aware
+
+    aware = asyncio.run(run())
+    assert aware.step_seconds > 0 and aware.verifier.score_seconds > 0
+    assert aware.cost_ratio == aware.step_seconds / aware.verifier.score_seconds != 0.5
