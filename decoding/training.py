@@ -10,10 +10,11 @@ The recipe, end to end (deterministic given ``seed`` and the thread count):
    trained on the train files, shared by all models.
 3. Verifier: a Llama pretrained with next-token cross-entropy on random
    windows of the train token stream.
-4. Drafters: a 1-layer Llama, trained twice from the same initialisation on the
-   same windows in the same order: once with cross-entropy on the data alone,
-   once distilled from the verifier with KL(p_verifier || q_drafter) on the
-   verifier's top-k soft targets (cached once, so both runs see the same tokens).
+4. Drafters: a 1-layer Llama, trained twice from the same initialisation for the
+   same steps on the same number of windows: once with cross-entropy on the data
+   alone, once distilled from the verifier with KL(p_verifier || q_drafter) on
+   the verifier's top-k soft targets, over train text and on-policy text (train
+   prompts continued by the verifier, greedy and sampled).
 5. Evaluation: held-out greedy acceptance with the real SpeculativeRouter
    (fixed k), and the batch-1 KV-cached forward cost of both models.
 6. Weights saved as fp16 safetensors, each with a model card.
@@ -59,7 +60,12 @@ class DemoRecipe:
     verifier_steps: int = 450
     verifier_batch: int = 8
     verifier_lr: float = 3e-3
-    distill_batches: int = 40  # windows cached with the verifier's soft targets
+    distill_batches: int = 40  # data windows cached with the verifier's soft targets
+    #: batches of on-policy text: train-split prompts continued by the verifier itself
+    #: (alternately greedy and sampled at onpolicy_temperature), also with its soft targets
+    onpolicy_batches: int = 24
+    onpolicy_prompt_tokens: int = 64
+    onpolicy_temperature: float = 0.8
     distill_batch: int = 8
     drafter_epochs: int = 5  # passes over the cached windows (same for both drafters)
     drafter_lr: float = 3e-3
@@ -76,8 +82,13 @@ class DemoRecipe:
     threads: int = 1
 
     @property
+    def drafter_batches(self) -> int:
+        """Batches per drafter epoch, the same for both drafters."""
+        return self.distill_batches + self.onpolicy_batches
+
+    @property
     def drafter_steps(self) -> int:
-        return self.distill_batches * self.drafter_epochs
+        return self.drafter_batches * self.drafter_epochs
 
 
 #: Nominal rates (on the 2-core reference machine) used by ``--budget-minutes``:
@@ -248,22 +259,60 @@ class SoftTargets:
 
 
 @torch.no_grad()  # not inference_mode: the cached tensors feed autograd later
-def cache_soft_targets(
-    teacher: LlamaForCausalLM, stream: torch.Tensor, recipe: DemoRecipe, seed: int, progress: bool = True
+def soft_targets(
+    teacher: LlamaForCausalLM, batches: list[torch.Tensor], top_k: int, progress: bool = True, desc: str = "soft targets"
 ) -> SoftTargets:
-    gen = torch.Generator().manual_seed(seed)
+    """The teacher's top-k next-token distributions on ``batches`` ([B, T+1] each)."""
     teacher.eval()
     inputs, labels, ids, probs = [], [], [], []
-    for _ in tqdm(range(recipe.distill_batches), desc="verifier soft targets", disable=not progress, file=sys.stderr):
-        batch = sample_windows(stream, recipe.distill_batch, recipe.seq_len + 1, gen)
+    for batch in tqdm(batches, desc=desc, disable=not progress, file=sys.stderr):
         logits = teacher(input_ids=batch[:, :-1]).logits.float()
         p = torch.softmax(logits, dim=-1)
-        top = torch.topk(p, recipe.top_k, dim=-1)
+        top = torch.topk(p, top_k, dim=-1)
         inputs.append(batch[:, :-1])
         labels.append(batch[:, 1:])
         ids.append(top.indices.to(torch.int32))
         probs.append((top.values / top.values.sum(-1, keepdim=True)).half())
     return SoftTargets(torch.stack(inputs), torch.stack(labels), torch.stack(ids), torch.stack(probs))
+
+
+def concat_targets(a: SoftTargets, b: SoftTargets) -> SoftTargets:
+    return SoftTargets(*(torch.cat([x, y]) for x, y in zip(asdict_targets(a), asdict_targets(b))))
+
+
+def asdict_targets(t: SoftTargets) -> tuple[torch.Tensor, ...]:
+    return (t.inputs, t.labels, t.top_ids, t.top_probs)
+
+
+def data_windows(stream: torch.Tensor, recipe: DemoRecipe, n: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [sample_windows(stream, recipe.distill_batch, recipe.seq_len + 1, gen) for _ in range(n)]
+
+
+@torch.no_grad()
+def onpolicy_windows(
+    teacher: LlamaForCausalLM, stream: torch.Tensor, recipe: DemoRecipe, seed: int, progress: bool = True
+) -> list[torch.Tensor]:
+    """Train-split prompts continued by the verifier itself: what a drafter sees at
+    serving time. Even batches greedy, odd batches sampled at onpolicy_temperature."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher.eval()
+    eos, pad = teacher.generation_config.eos_token_id, teacher.generation_config.pad_token_id
+    teacher.generation_config.eos_token_id = None  # fixed-length continuations
+    teacher.generation_config.pad_token_id = teacher.config.pad_token_id
+    out = []
+    try:
+        P = recipe.onpolicy_prompt_tokens
+        for b in tqdm(range(recipe.onpolicy_batches), desc="verifier on-policy samples", disable=not progress, file=sys.stderr):
+            prompts = sample_windows(stream, recipe.distill_batch, P, gen)
+            sampled = b % 2 == 1
+            kw = {"do_sample": True, "temperature": recipe.onpolicy_temperature, "top_k": 0, "top_p": 1.0} if sampled else {"do_sample": False}
+            torch.manual_seed(seed + 1 + b)
+            seqs = teacher.generate(prompts, max_new_tokens=recipe.seq_len + 1 - P, min_new_tokens=recipe.seq_len + 1 - P, **kw)
+            out.append(seqs[:, : recipe.seq_len + 1].contiguous())
+    finally:
+        teacher.generation_config.eos_token_id, teacher.generation_config.pad_token_id = eos, pad
+    return out
 
 
 def distill_kl(logits: torch.Tensor, top_ids: torch.Tensor, top_probs: torch.Tensor) -> torch.Tensor:
@@ -463,6 +512,7 @@ def build_demo(
     progress: bool = True,
     evaluate: bool = True,
     command: str | None = None,
+    reuse_verifier: bool = False,
 ) -> BuildResult:
     """Build the verifier, the data-only drafter and the distilled drafter into ``out``.
 
@@ -499,38 +549,64 @@ def build_demo(
         tokenizer={"type": "byte-level BPE (tokenizers)", "vocab_size": len(tokenizer)},
     )
 
-    # Verifier.
+    # Verifier. The drafters learn from the saved fp16 weights (save_model rounds the
+    # in-memory model to them), so reusing a saved verifier gives the same drafters.
     t = time.perf_counter()
     v_config = make_config(tokenizer, recipe.verifier, recipe.context)
-    verifier = init_model(v_config, seed)
-    v_losses = train_verifier(verifier, train_stream, recipe, seed + 1, progress)
-    timings["verifier_training"] = time.perf_counter() - t
-    result.verifier = {
-        "parameters": sum(p.numel() for p in verifier.parameters()),
-        "steps": recipe.verifier_steps,
-        "tokens_seen": recipe.verifier_steps * recipe.verifier_batch * recipe.seq_len,
-        "final_train_loss": statistics.fmean(v_losses[-10:]),
-        "heldout_loss": heldout_loss(verifier, held_stream, recipe.seq_len),
-        "loss_curve": v_losses[:: max(1, len(v_losses) // 50)],
-    }
-    save_model(verifier, tokenizer, out / "verifier")
+    reused = reuse_verifier and _reusable_verifier(out / "verifier", seed, recipe)
+    if reused:
+        from transformers import AutoModelForCausalLM
 
-    # Drafters: same init, same windows, same order; CE vs KL.
+        verifier = AutoModelForCausalLM.from_pretrained(out / "verifier", dtype=torch.float32, local_files_only=True)
+        result.verifier = json.loads((out / "verifier" / "build.json").read_text())["verifier"]
+        timings["verifier_training"] = json.loads((out / "verifier" / "build.json").read_text())["timings_s"].get(
+            "verifier_training", 0.0
+        )
+    else:
+        verifier = init_model(v_config, seed)
+        v_losses = train_verifier(verifier, train_stream, recipe, seed + 1, progress)
+        timings["verifier_training"] = time.perf_counter() - t
+        result.verifier = {
+            "parameters": sum(p.numel() for p in verifier.parameters()),
+            "steps": recipe.verifier_steps,
+            "tokens_seen": recipe.verifier_steps * recipe.verifier_batch * recipe.seq_len,
+            "final_train_loss": statistics.fmean(v_losses[-10:]),
+            "heldout_loss": heldout_loss(verifier, held_stream, recipe.seq_len),
+            "loss_curve": v_losses[:: max(1, len(v_losses) // 50)],
+        }
+        save_model(verifier, tokenizer, out / "verifier")
+    verifier.eval()
+
+    # Drafters: same init, same number of windows and steps, CE vs KL. The data-only
+    # drafter sees distill_batches + onpolicy_batches data windows; the distilled one the
+    # first distill_batches of them plus onpolicy_batches of the verifier's own text.
     t = time.perf_counter()
-    targets = cache_soft_targets(verifier, train_stream, recipe, seed + 2, progress)
+    windows = data_windows(train_stream, recipe, recipe.drafter_batches, seed + 2)
+    data_targets = soft_targets(verifier, windows, recipe.top_k, progress, "verifier soft targets (data)")
+    if recipe.onpolicy_batches:
+        policy = onpolicy_windows(verifier, train_stream, recipe, seed + 5, progress)
+        policy_targets = soft_targets(verifier, policy, recipe.top_k, progress, "verifier soft targets (on-policy)")
+        head = SoftTargets(*(x[: recipe.distill_batches] for x in asdict_targets(data_targets)))
+        distill_targets = concat_targets(head, policy_targets)
+    else:
+        distill_targets = data_targets
     timings["soft_targets"] = time.perf_counter() - t
     del verifier
     d_config = make_config(tokenizer, recipe.drafter, recipe.context)
     for key, distill, dirname in (("drafter_data_only", False, "drafter-data-only"), ("drafter", True, "drafter")):
         t = time.perf_counter()
         model = init_model(d_config, seed + 3)
-        curves = train_drafter(model, targets, recipe, seed + 4, distill, progress)
+        curves = train_drafter(model, distill_targets if distill else data_targets, recipe, seed + 4, distill, progress)
         timings[key] = time.perf_counter() - t
         setattr(
             result,
             key,
             {
-                "objective": "KL(p_verifier || q_drafter), top-k soft targets" if distill else "cross-entropy on the data",
+                "objective": (
+                    "KL(p_verifier || q_drafter), top-k soft targets, on data and on-policy verifier text"
+                    if distill
+                    else "cross-entropy on the data"
+                ),
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "steps": recipe.drafter_steps,
                 "tokens_seen": recipe.drafter_steps * recipe.distill_batch * recipe.seq_len,
@@ -541,7 +617,7 @@ def build_demo(
             },
         )
         save_model(model, tokenizer, out / dirname)
-    del targets
+    del data_targets, distill_targets
 
     if evaluate:
         t = time.perf_counter()
@@ -562,6 +638,18 @@ def build_demo(
     (out / "verifier" / "build.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     write_model_cards(result)
     return result
+
+
+def _reusable_verifier(path: Path, seed: int, recipe: DemoRecipe) -> bool:
+    """A verifier saved by a build with the same seed and the same tokenizer/verifier recipe."""
+    build = path / "build.json"
+    if not build.is_file() or not (path / "model.safetensors").is_file():
+        return False
+    old = json.loads(build.read_text())
+    keys = ("vocab_size", "heldout_fraction", "max_files", "context", "seq_len", "verifier", "verifier_steps",
+            "verifier_batch", "verifier_lr", "warmup_steps", "weight_decay", "threads")  # fmt: skip
+    mine = json.loads(json.dumps(asdict(recipe)))
+    return old.get("seed") == seed and all(old["recipe"].get(k) == mine.get(k) for k in keys)
 
 
 # -- model cards ----------------------------------------------------------------
@@ -637,9 +725,13 @@ def write_model_cards(r: BuildResult) -> None:
             f"{ds['num_heads']} heads ({ds['num_kv_heads']} KV), MLP {ds['intermediate_size']}, context {rec['context']}; "
             f"{info['parameters']:,} parameters.\n" + common + f"- Objective: {info['objective']} (top-{rec['top_k']} of "
             f"the verifier's distribution, renormalised). Both drafters start from the same initialisation (seed "
-            f"{r.seed + 3}) and see the same {rec['distill_batches']} cached windows of {rec['distill_batch']}x"
-            f"{rec['seq_len']} tokens in the same order, {rec['drafter_epochs']} epochs: {info['steps']} steps, "
-            f"{info['tokens_seen']:,} tokens; AdamW peak lr {rec['drafter_lr']}.\n"
+            f"{r.seed + 3}) and train for the same {info['steps']} steps of {rec['distill_batch']}x{rec['seq_len']} tokens "
+            f"({rec['drafter_epochs']} epochs of {rec['distill_batches'] + rec['onpolicy_batches']} cached windows, "
+            f"{info['tokens_seen']:,} tokens; AdamW peak lr {rec['drafter_lr']}): the data-only drafter on "
+            f"{rec['distill_batches'] + rec['onpolicy_batches']} windows of train-split text, the distilled one on the "
+            f"first {rec['distill_batches']} of them plus {rec['onpolicy_batches']} windows of on-policy text "
+            f"(train-split prompts of {rec['onpolicy_prompt_tokens']} tokens continued by the verifier, alternately "
+            f"greedy and sampled at T={rec['onpolicy_temperature']}).\n"
             f"- Final train KL to the verifier {_fmt(info['final_train_kl_to_verifier'])} (first step "
             f"{_fmt(info['initial_train_kl_to_verifier'])}); final train CE {_fmt(info['final_train_ce'])}; held-out "
             f"CE {_fmt(info['heldout_loss'])} nats/token.\n"
@@ -657,13 +749,24 @@ def main_build_demo(args) -> int:
     """Entry point of ``tandem models build-demo``."""
     recipe = recipe_for_budget(args.budget_minutes) if args.budget_minutes else DemoRecipe()
     overrides = {}
-    for name in ("verifier_steps", "distill_batches", "drafter_epochs", "threads"):
+    for name in ("verifier_steps", "distill_batches", "onpolicy_batches", "drafter_epochs", "threads"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     recipe = replace(recipe, **overrides)
-    command = "tandem models " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("build-demo") :]) if "build-demo" in sys.argv else None
-    result = build_demo(Path(args.out), seed=args.seed, recipe=recipe, progress=not args.quiet, evaluate=not args.no_eval, command=command)
+    command = None
+    if "build-demo" in sys.argv:  # --reuse-verifier gives the same result, so the from-scratch command is recorded
+        argv = [a for a in sys.argv[sys.argv.index("build-demo") :] if a != "--reuse-verifier"]
+        command = "tandem models " + " ".join(shlex.quote(a) for a in argv)
+    result = build_demo(
+        Path(args.out),
+        seed=args.seed,
+        recipe=recipe,
+        progress=not args.quiet,
+        evaluate=not args.no_eval,
+        command=command,
+        reuse_verifier=getattr(args, "reuse_verifier", False),
+    )
     summary = {
         "out": str(result.out),
         "verifier_params": result.verifier["parameters"],

@@ -12,7 +12,9 @@ Systems (the same held-out prompts and max_tokens for all):
 6. ``tandem-vllm``  tandem ``speculative`` with the vLLM-hosted verifier (``tandem verifier``) behind
                     ``loadtests.delay_proxy`` at each ``--rtt-ms``
 
-Each runs greedy and sampled (``--temperature``, top_k 0, top_p 1) requests one at a
+The in-process systems (1)-(3) are interleaved prompt by prompt (every system runs
+prompt i before any runs prompt i+1), so drifts in the load of a shared machine hit
+them alike; the vLLM-backed ones run after, one server at a time. Each runs greedy and sampled (``--temperature``, top_k 0, top_p 1) requests one at a
 time. Reported per system and mode: tokens/s (generated tokens / summed request wall
 time), time to first token (p50), inter-token latency p50/p99, mean accepted draft
 tokens per verify round and acceptance per draft position, verifier forward passes per
@@ -144,125 +146,158 @@ def load_prompts(verifier_dir: Path, n: int, prompt_tokens: int, min_continuatio
 # -- (1), (2): transformers ------------------------------------------------------------------
 
 
-def run_hf(args, prompts, greedy: bool, assisted: bool) -> list[Request]:
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.generation.streamers import BaseStreamer
+class HFRunner:
+    """(1) and (2): ``transformers`` ``generate()``, with or without ``assistant_model``."""
 
-    verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32, local_files_only=True).eval()
-    drafter = None
-    counts = {"v": 0, "d": 0}
-    verifier.register_forward_hook(lambda *a: counts.__setitem__("v", counts["v"] + 1))
-    for m in [verifier]:
-        m.generation_config.eos_token_id = None  # same max_tokens for every system: no early stop
-        m.generation_config.pad_token_id = m.config.pad_token_id
-    if assisted:
-        drafter = AutoModelForCausalLM.from_pretrained(args.drafter, dtype=torch.float32, local_files_only=True).eval()
-        drafter.generation_config.eos_token_id = None
-        drafter.generation_config.pad_token_id = drafter.config.pad_token_id
-        drafter.register_forward_hook(lambda *a: counts.__setitem__("d", counts["d"] + 1))
+    def __init__(self, args, assisted: bool):
+        import torch
+        from transformers import AutoModelForCausalLM
 
-    class Recorder(BaseStreamer):
-        def __init__(self, req: Request, t0: float):
-            self.req, self.t0, self.prompt_seen = req, t0, False
-            self.d_mark = counts["d"]
+        self.args, self.assisted = args, assisted
+        self.counts = {"v": 0, "d": 0}
+        self.verifier = AutoModelForCausalLM.from_pretrained(args.verifier, dtype=torch.float32, local_files_only=True).eval()
+        self.verifier.register_forward_hook(lambda *a: self._count("v"))
+        models = [self.verifier]
+        self.drafter = None
+        if assisted:
+            self.drafter = AutoModelForCausalLM.from_pretrained(args.drafter, dtype=torch.float32, local_files_only=True).eval()
+            self.drafter.register_forward_hook(lambda *a: self._count("d"))
+            models.append(self.drafter)
+        for m in models:
+            m.generation_config.eos_token_id = None  # same max_tokens for every system: no early stop
+            m.generation_config.pad_token_id = m.config.pad_token_id
 
-        def put(self, value):
-            if not self.prompt_seen:  # generate() first streams the prompt
-                self.prompt_seen = True
-                return
-            ids = value.reshape(-1).tolist()
-            self.req.add_chunk(self.t0, len(ids), ids)
-            if assisted:
-                drafted, self.d_mark = counts["d"] - self.d_mark, counts["d"]
-                acc = min(len(ids) - 1, drafted)
-                self.req.rounds = (self.req.rounds or 0) + 1
-                self.req.accepted = (self.req.accepted or 0) + acc
-                dp = self.req.drafted_per_position
-                ap = self.req.accepted_per_position
-                while len(dp) < drafted:
-                    dp.append(0)
-                    ap.append(0)
-                for i in range(drafted):
-                    dp[i] += 1
-                for i in range(acc):
-                    ap[i] += 1
+    def _count(self, key: str) -> None:
+        self.counts[key] += 1
 
-        def end(self):
-            pass
+    def kwargs(self, greedy: bool, max_new_tokens: int) -> dict:
+        kw = {"max_new_tokens": max_new_tokens, "do_sample": not greedy}
+        if not greedy:
+            kw.update(temperature=self.args.temperature, top_k=0, top_p=1.0)
+        if self.assisted:
+            kw["assistant_model"] = self.drafter
+        return kw
 
-    kw = {"max_new_tokens": args.max_tokens, "do_sample": not greedy}
-    if not greedy:
-        kw.update(temperature=args.temperature, top_k=0, top_p=1.0)
-    if assisted:
-        kw["assistant_model"] = drafter
-    reqs = []
-    with torch.inference_mode():
-        verifier.generate(torch.tensor([prompts[0]]), **{**kw, "max_new_tokens": 8})  # warm-up
-        for i, ids in enumerate(prompts):
-            req = Request(i)
-            if assisted:
-                req.drafted_per_position, req.accepted_per_position = [], []
-            torch.manual_seed(args.seed + i)
+    def warm_up(self, ids: list[int]) -> None:
+        import torch
+
+        with torch.inference_mode():
+            for greedy in (True, False):
+                self.verifier.generate(torch.tensor([ids]), **self.kwargs(greedy, 8))
+
+    def run(self, i: int, ids: list[int], greedy: bool) -> Request:
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        runner, counts, assisted = self, self.counts, self.assisted
+        req = Request(i)
+        if assisted:
+            req.drafted_per_position, req.accepted_per_position = [], []
+
+        class Recorder(BaseStreamer):
+            def __init__(self, t0: float):
+                self.t0, self.prompt_seen, self.d_mark = t0, False, counts["d"]
+
+            def put(self, value):
+                if not self.prompt_seen:  # generate() first streams the prompt
+                    self.prompt_seen = True
+                    self.d_mark = counts["d"]
+                    return
+                ids = value.reshape(-1).tolist()
+                req.add_chunk(self.t0, len(ids), ids)
+                if assisted:  # one put per round: accepted drafts + 1
+                    drafted, self.d_mark = counts["d"] - self.d_mark, counts["d"]
+                    acc = min(len(ids) - 1, drafted)
+                    req.rounds = (req.rounds or 0) + 1
+                    req.accepted = (req.accepted or 0) + acc
+                    dp, ap = req.drafted_per_position, req.accepted_per_position
+                    while len(dp) < drafted:
+                        dp.append(0)
+                        ap.append(0)
+                    for n in range(drafted):
+                        dp[n] += 1
+                    for n in range(acc):
+                        ap[n] += 1
+
+            def end(self):
+                pass
+
+        with torch.inference_mode():
+            torch.manual_seed(runner.args.seed + i)
             counts["v"] = 0
             t0 = time.perf_counter()
-            verifier.generate(torch.tensor([ids]), streamer=Recorder(req, t0), **kw)
+            self.verifier.generate(torch.tensor([ids]), streamer=Recorder(t0), **self.kwargs(greedy, runner.args.max_tokens))
             req.total_s = time.perf_counter() - t0
-            req.verifier_passes = counts["v"]
-            reqs.append(req)
-            _progress(args, "hf-assisted" if assisted else "hf", greedy, i, len(prompts))
-    return reqs
+        req.verifier_passes = counts["v"]
+        return req
+
+    def close(self) -> None:
+        pass
 
 
 # -- (3), (6): tandem ------------------------------------------------------------------------
 
 
-async def _run_router(args, router, prompts, greedy: bool, name: str, passes_fn=None) -> list[Request]:
+def _params(args, i: int, greedy: bool, max_tokens: int | None = None):
     from decoding.sampling import SamplingParams
 
+    return SamplingParams(
+        max_tokens=max_tokens or args.max_tokens,
+        temperature=0.0 if greedy else args.temperature,
+        seed=args.seed + i,
+        ignore_eos=True,
+    )
+
+
+async def _stream_one(router, i: int, ids: list[int], params, passes_fn=None) -> Request:
+    req = Request(i)
+    before = passes_fn() if passes_fn else None
+    t0 = time.perf_counter()
+    stats = None
+    async for chunk in router.stream(ids, params):
+        req.add_chunk(t0, len(chunk.token_ids), chunk.token_ids)
+        stats = chunk.stats
+    req.total_s = time.perf_counter() - t0
+    req.verifier_passes = (passes_fn() - before) if passes_fn else stats.verifier_forward_passes
+    req.rounds, req.accepted = stats.rounds, stats.accepted_tokens
+    req.drafted_per_position = list(stats.drafted_per_position)
+    req.accepted_per_position = list(stats.accepted_per_position)
+    return req
+
+
+async def _run_router(args, router, prompts, greedy: bool, name: str, passes_fn=None) -> list[Request]:
+    await router.generate(prompts[0], _params(args, 0, greedy, 8))  # warm-up
     reqs = []
-    # warm-up
-    await router.generate(prompts[0], SamplingParams(max_tokens=8, ignore_eos=True))
     for i, ids in enumerate(prompts):
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=0.0 if greedy else args.temperature,
-            seed=args.seed + i,
-            ignore_eos=True,
-        )
-        req = Request(i)
-        before = passes_fn() if passes_fn else None
-        t0 = time.perf_counter()
-        stats = None
-        async for chunk in router.stream(ids, params):
-            req.add_chunk(t0, len(chunk.token_ids), chunk.token_ids)
-            stats = chunk.stats
-        req.total_s = time.perf_counter() - t0
-        req.verifier_passes = (passes_fn() - before) if passes_fn else stats.verifier_forward_passes
-        req.rounds, req.accepted = stats.rounds, stats.accepted_tokens
-        req.drafted_per_position = list(stats.drafted_per_position)
-        req.accepted_per_position = list(stats.accepted_per_position)
-        reqs.append(req)
+        reqs.append(await _stream_one(router, i, ids, _params(args, i, greedy), passes_fn))
         _progress(args, name, greedy, i, len(prompts))
     return reqs
 
 
-def run_tandem(args, prompts, greedy: bool) -> list[Request]:
-    from service.backends import build_backends
-    from service.config import TandemSettings
+class TandemRunner:
+    """(3): tandem ``speculative`` in-process, built by the service's own ``build_backends``."""
 
-    settings = TandemSettings.load(
-        None, verifier=str(args.verifier), drafter=str(args.drafter), draft_cost_ratio=draft_cost_ratio(args)
-    )
-    backends = build_backends(settings)
+    def __init__(self, args):
+        from service.backends import build_backends
+        from service.config import TandemSettings
 
-    async def go():
-        try:
-            return await _run_router(args, backends.router, prompts, greedy, "tandem")
-        finally:
-            await backends.aclose()
+        self.args = args
+        settings = TandemSettings.load(
+            None, verifier=str(args.verifier), drafter=str(args.drafter), draft_cost_ratio=draft_cost_ratio(args)
+        )
+        self.loop = asyncio.new_event_loop()
+        self.backends = build_backends(settings)
 
-    return asyncio.run(go())
+    def warm_up(self, ids: list[int]) -> None:
+        for greedy in (True, False):
+            self.loop.run_until_complete(self.backends.router.generate(ids, _params(self.args, 0, greedy, 8)))
+
+    def run(self, i: int, ids: list[int], greedy: bool) -> Request:
+        return self.loop.run_until_complete(_stream_one(self.backends.router, i, ids, _params(self.args, i, greedy)))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.backends.aclose())
+        self.loop.close()
 
 
 def draft_cost_ratio(args) -> float | None:
@@ -498,6 +533,14 @@ def write_outputs(out_dir: Path, result: dict) -> None:
             f"{fmt(s['itl_p50_ms'])} | {fmt(s['itl_p99_ms'])} | {fmt(s.get('mean_accepted_per_round'), 2)} | {pos_s} | "
             f"{fmt(s.get('verifier_passes_per_token'), 3)} | {ident} |"
         )
+    cost = result.get("forward_cost")
+    if cost:
+        lines.append("")
+        lines.append(
+            f"Batch-1 KV-cached one-token forward, measured at the start of the run (median of {cost['passes']}, "
+            f"context {cost['context']}): verifier {cost['verifier_ms']:.2f} ms, drafter {cost['drafter_ms']:.2f} ms, "
+            f"ratio {cost['ratio']:.1f}x."
+        )
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -586,11 +629,16 @@ def main(argv=None) -> int:
         "rows": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    from decoding.training import forward_cost
+
+    # The drafter/verifier cost ratio on this machine, now (batch 1, KV-cached, interleaved).
+    result["forward_cost"] = forward_cost(args.verifier, args.drafter, passes=200)
+    print(f"forward cost: {json.dumps(result['forward_cost'])}", file=sys.stderr, flush=True)
     reference: list[list[int]] | None = None
     out_dir = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def record(system: str, label: str, mode: str, fn) -> None:
+    def record(system: str, label: str, mode: str, fn, elapsed: float | None = None) -> None:
         nonlocal reference
         t = time.perf_counter()
         row = {"system": system, "label": label, "title": TITLES[system] + (label[len(system):] if label != system else ""), "mode": mode}
@@ -605,22 +653,32 @@ def main(argv=None) -> int:
             row["summary"] = summarize(reqs, reference, mode == "greedy")
             row["requests"] = [asdict(r) for r in reqs]
             print(f"{label} {mode}: {json.dumps(row['summary'])}", file=sys.stderr, flush=True)
-        row["elapsed_s"] = time.perf_counter() - t
+        row["elapsed_s"] = elapsed if elapsed is not None else time.perf_counter() - t
         result["rows"].append(row)
         write_outputs(out_dir, result)
 
     in_process = [s for s in ("hf", "hf-assisted", "tandem") if s in systems]
     if "hf" not in systems and "greedy" in modes:
         print("note: without system 'hf' there is no greedy reference", file=sys.stderr)
-    for mode in modes:
-        greedy = mode == "greedy"
+    if in_process:
+        # Interleaved: for each prompt, every in-process system runs back to back, so a change
+        # in the machine's load (it is shared) hits all of them alike.
+        runners = {}
         for s in in_process:
-            if s == "hf":
-                record(s, s, mode, lambda: run_hf(args, prompts, greedy, assisted=False))
-            elif s == "hf-assisted":
-                record(s, s, mode, lambda: run_hf(args, prompts, greedy, assisted=True))
-            else:
-                record(s, s, mode, lambda: run_tandem(args, prompts, greedy))
+            runners[s] = TandemRunner(args) if s == "tandem" else HFRunner(args, assisted=s == "hf-assisted")
+            runners[s].warm_up(prompts[0])
+        for mode in modes:
+            greedy = mode == "greedy"
+            reqs: dict[str, list[Request]] = {s: [] for s in in_process}
+            t = time.perf_counter()
+            for i, ids in enumerate(prompts):
+                for s in in_process:
+                    reqs[s].append(runners[s].run(i, ids, greedy))
+                _progress(args, "+".join(in_process), greedy, i, len(prompts))
+            for s in in_process:
+                record(s, s, mode, lambda s=s: reqs[s], elapsed=time.perf_counter() - t)
+        for r in runners.values():
+            r.close()
 
     log_dir = out_dir / "logs"
     log_dir.mkdir(exist_ok=True)

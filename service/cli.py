@@ -274,7 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--verifier-steps", type=int, metavar="N", help="verifier pretraining steps (default: 450)")
     b.add_argument("--distill-batches", type=int, metavar="N", help="cached soft-target batches (default: 40)")
+    b.add_argument("--onpolicy-batches", type=int, metavar="N", help="batches of verifier-generated text (default: 24)")
     b.add_argument("--drafter-epochs", type=int, metavar="N", help="drafter passes over those batches (default: 5)")
+    b.add_argument(
+        "--reuse-verifier",
+        action="store_true",
+        help="reuse OUT/verifier if an earlier build with the same seed and verifier recipe saved it "
+        "(same result: the drafters always learn from the saved fp16 verifier)",
+    )
     b.add_argument("--threads", type=int, metavar="N", help="torch threads (default: 1)")
     b.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
     b.add_argument("--quiet", action="store_true", help="no progress bars")

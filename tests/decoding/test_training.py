@@ -21,6 +21,8 @@ TINY = DemoRecipe(
     verifier_batch=2,
     distill_batches=3,
     distill_batch=2,
+    onpolicy_batches=2,
+    onpolicy_prompt_tokens=8,
     drafter_epochs=4,
     drafter_lr=1e-2,
     top_k=16,
@@ -36,6 +38,17 @@ def builds(tmp_path_factory):
     a = build_demo(root / "a", seed=3, recipe=TINY, progress=False, evaluate=False)
     b = build_demo(root / "b", seed=3, recipe=TINY, progress=False, evaluate=False)
     return a, b
+
+
+def test_reusing_the_saved_verifier_gives_the_same_drafters(builds, tmp_path):
+    import shutil
+
+    a, _ = builds
+    shutil.copytree(a.out / "verifier", tmp_path / "verifier")
+    c = build_demo(tmp_path, seed=3, recipe=TINY, progress=False, evaluate=False, reuse_verifier=True)
+    assert c.verifier == a.verifier
+    for name in MODELS:
+        assert weights_digest(c.out / name) == weights_digest(a.out / name), name
 
 
 def test_split_is_by_file_seeded_and_disjoint():
@@ -87,5 +100,5 @@ def test_cli_parses_build_demo():
     from service.cli import build_parser
 
     args = build_parser().parse_args(["models", "build-demo", "--out", "x", "--seed", "4", "--budget-minutes", "2"])
-    assert args.out == "x" and args.seed == 4 and args.budget_minutes == 2.0
+    assert args.out == "x" and args.seed == 4 and args.budget_minutes == 2.0 and not args.reuse_verifier
     assert Path(args.func.__code__.co_filename).name == "cli.py"
