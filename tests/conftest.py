@@ -6,9 +6,18 @@ and seeded (see decoding/tiny_models.py).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels then run in Triton's interpreter on CPU tensors, so CI
+    # exercises the kernel source itself. Triton reads this when each
+    # @triton.jit function is defined, so it must be set before anything
+    # (transformers included) imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from decoding.tiny_models import TinySpec, build_model, build_tiny_pair, train_bpe_tokenizer, word_tokenizer
 

@@ -25,28 +25,10 @@ import sys
 import torch
 
 
-def _use_triton_interpreter() -> None:
-    """Make ``triton`` (and the kernels) run in the interpreter, on CPU tensors.
-
-    Triton reads TRITON_INTERPRET when each ``@triton.jit`` function is defined,
-    its own library functions included, so it must be set before triton is first
-    imported. The suite's root conftest imports transformers, which imports triton
-    first; in that case the pure-Python triton modules (not the compiled extension,
-    which cannot be loaded twice) are dropped and re-imported under the
-    interpreter. Only done without CUDA, where nothing else runs Triton code.
-    """
-    os.environ["TRITON_INTERPRET"] = "1"
-    random_mod = sys.modules.get("triton.language.random")
-    if random_mod is None or type(random_mod.randint).__name__ == "InterpretedFunction":
-        return
-    for name in list(sys.modules):
-        if (name == "triton" or name.startswith("triton.")) and not name.startswith("triton._C"):
-            del sys.modules[name]
-    sys.modules.pop("kernels.triton_verify", None)
-
-
-if not torch.cuda.is_available():
-    _use_triton_interpreter()
+# Without CUDA the kernels run in Triton's interpreter on CPU tensors: the root
+# conftest sets TRITON_INTERPRET=1 before anything imports triton (Triton reads it
+# when each @triton.jit function is defined, its own library functions included).
+assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", "tests/conftest.py sets TRITON_INTERPRET"
 
 from dataclasses import dataclass  # noqa: E402
 
