@@ -5,7 +5,9 @@ VLLM_VENV := .venv-vllm
 # Machines of this project keep the CPU build of torch in /opt/wheels.
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: install install-vllm serve test
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: install install-vllm system-deps serve test
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +29,14 @@ install: $(VENV)/.installed
 
 install-vllm: $(VLLM_VENV)/.installed
 
+# Programs the deployment tests run for real: Prometheus (+ promtool) and
+# docker-compose (validates the compose file without a Docker engine).
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus docker-compose; }
+
 serve: install
 	$(VENV)/bin/tandem serve
 
-test: install install-vllm
+test: install install-vllm system-deps
 	$(VENV)/bin/python -m pytest

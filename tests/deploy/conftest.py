@@ -35,16 +35,12 @@ import httpx
 import pytest
 import yaml
 
-import tests.conftest as root_conftest
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 START_TIMEOUT_S = 300.0  # importing torch in four processes at once, on a busy 2-core machine
 
-# vLLM's fixtures live in tests/decoding/conftest.py; one vLLM per session is enough, so they are
-# used from there (a second definition here would start a second vLLM).
-if not hasattr(root_conftest, "vllm_server"):
-    from tests.decoding.conftest import vllm_pair, vllm_server  # noqa: F401
+# vLLM's fixtures (vllm_pair, vllm_server) live in tests/conftest.py: one vLLM per test session.
 
 
 def require(program: str, install: str) -> str:
