@@ -233,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--train-tokens", type=int, default=60000, help="attacker training tokens (default: 60000)")
     a.add_argument("--eval-tokens", type=int, default=8000, help="held-out evaluation tokens (default: 8000)")
-    a.add_argument("--attacker", choices=["ridge", "mlp"], default="ridge", help="inversion attacker (default: ridge)")
+    a.add_argument("--attackers", default="ridge,knn,search", metavar="A,A,...",
+                   help="inversion attackers among ridge, knn, search, mlp (default: ridge,knn,search)")
+    a.add_argument("--search-positions", type=int, default=256, metavar="N",
+                   help="held-out positions the (slow) search attack inverts (default: 256)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="runs/split-audit", metavar="DIR", help="output directory (default: runs/split-audit)")
     a.set_defaults(func=cmd_split_audit)

@@ -4,14 +4,24 @@ Threat model: the datacenter (or anyone on the link) sees every uplink hidden
 state h_a (the output of layer a-1, plus the configured noise) and knows the
 model's weights and the noise scale. It does not see the tokens.
 
-The attacker: it runs the public model's head over *public* text (files
-disjoint from the held-out text), adds noise at the same scale, and fits a
-ridge regression from the hidden states of a token and its two neighbours
-[h_{t-1}, h_t, h_{t+1}] to the token's input embedding; it decodes by the
-nearest embedding row (cosine), which uses the weights it knows. ``--attacker
-mlp`` trains a small MLP classifier over the vocabulary instead (slower).
-Reported: the token recovery rate (top-1) on held-out text, next to the
-"most frequent token" baseline.
+The attackers (``--attackers``, default all three of ridge, knn, search;
+each reported, the table's headline is the best of them):
+
+* ``ridge``: it runs the public head over *public* text (files disjoint from
+  the held-out text), adds noise at the same scale, and fits a ridge
+  regression from [h_{t-1}, h_t, h_{t+1}] to the token's input embedding;
+  decodes by the nearest embedding row (cosine).
+* ``knn``: the same (noisy hidden state, token) pairs as a nearest-neighbour
+  bank (cosine on standardised context features), weighted vote.
+* ``search``: the weights-aware inversion. Left to right, it re-runs layers
+  [0, a) on its recovered prefix for each candidate token (the learned
+  attackers' top guesses) and keeps the one whose output is nearest to the
+  observed h_a: exact without noise, maximum likelihood among the candidates
+  under Gaussian noise. Slower, so run on the first ``--search-positions``.
+* ``mlp`` (optional): a 2-layer MLP classifier over the vocabulary.
+
+Reported: top-1 token recovery on held-out text, next to the "most frequent
+token" baseline.
 
 Utility: the held-out text is run through the split path (layers [a, L) fed
 the noisy h_a, the same code the edge and worker run) and compared with the
@@ -43,11 +53,15 @@ class AuditRow:
     a: int
     b: int
     noise: float
-    recovery: float  # attacker top-1 token recovery on held-out text
-    recovery_top5: float
+    recovery: float  # the strongest attacker's top-1 token recovery on held-out text
+    best_attacker: str
+    recovery_top5: float  # the best learned attacker's top-5
     agreement: float  # greedy (argmax) agreement with the unsplit model
     perplexity: float
     uplink_bytes_per_token: int
+    by_attacker: dict  # attacker -> top-1 recovery
+    search_positions: int = 0
+    search_candidate_recall: float | None = None  # the search attack's ceiling
 
 
 def perturb(hidden: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -128,18 +142,21 @@ class AuditModel:
         return self._rest[a]
 
     @torch.inference_mode()
-    def hidden_states(self, ids: torch.Tensor, layers: list[int], batch: int = 8) -> dict[int, torch.Tensor]:
-        """{a: [n, T, H] output of layer a-1}, i.e. the uplink at split a, plus clean logits at key -1."""
+    def hidden_states(
+        self, ids: torch.Tensor, layers: list[int], batch: int = 8, with_logits: bool = False
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """({a: [n, T, H] output of layer a-1, i.e. the uplink at split a}, clean logits or None)."""
         out: dict[int, list[torch.Tensor]] = {a: [] for a in layers}
         logits = []
         for i in range(0, len(ids), batch):
-            res = self.full(input_ids=ids[i : i + batch], output_hidden_states=True)
+            if with_logits:
+                res = self.full(input_ids=ids[i : i + batch], output_hidden_states=True)
+                logits.append(res.logits.float())
+            else:  # the attacker's text needs no logits (T x V floats per window)
+                res = self.full.model(input_ids=ids[i : i + batch], output_hidden_states=True)
             for a in layers:
                 out[a].append(res.hidden_states[a].half())  # fp16 storage: memory, not precision, is the limit
-            logits.append(res.logits.float())
-        result = {a: torch.cat(v) for a, v in out.items()}
-        result[-1] = torch.cat(logits)
-        return result
+        return {a: torch.cat(v) for a, v in out.items()}, (torch.cat(logits) if with_logits else None)
 
     @torch.inference_mode()
     def logits_from(self, a: int, hidden: torch.Tensor, batch: int = 8) -> torch.Tensor:
@@ -178,42 +195,115 @@ class RidgeAttacker:
         y = self.embed[tokens]
         gram = x.T @ x
         gram += self.ridge * len(x) * torch.eye(len(gram), dtype=x.dtype)
-        self.w = torch.linalg.solve(gram, x.T @ y)
+        self.w = torch.linalg.solve(gram, x.T @ y).float()
+        self.mean, self.std, self.embed = self.mean.float(), self.std.float(), self.embed.float()
         return self
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.double() - self.mean) / self.std
+        x = (x.float() - self.mean) / self.std
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
         return F.normalize(x @ self.w, dim=-1) @ self.embed.T
 
 
-class MLPAttacker:
-    """A 2-layer MLP classifier over the vocabulary, trained with Adam (a stronger, slower attacker)."""
+class KNNAttacker:
+    """k nearest neighbours (cosine, standardised context features) in the attacker's own
+    (hidden state, token) pairs; weighted vote. Nonparametric: no linearity assumed."""
 
-    def __init__(self, vocab: int, steps: int = 1500, hidden: int = 512, seed: int = 0):
-        self.vocab, self.steps, self.hidden, self.seed = vocab, steps, hidden, seed
+    def __init__(self, k: int = 16, chunk: int = 1024):
+        self.k, self.chunk = k, chunk
 
-    def fit(self, x: torch.Tensor, tokens: torch.Tensor) -> MLPAttacker:
-        g = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
+    def fit(self, x: torch.Tensor, tokens: torch.Tensor) -> KNNAttacker:
         x = x.float()
         self.mean, self.std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
-        x = (x - self.mean) / self.std
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(x.shape[1], self.hidden), torch.nn.GELU(), torch.nn.Linear(self.hidden, self.vocab)
-        )
-        opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
-        for step in range(self.steps):
-            idx = torch.randint(0, len(x), (512,), generator=g)
-            loss = F.cross_entropy(self.net(x[idx]), tokens[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        self.bank = F.normalize((x - self.mean) / self.std, dim=-1)
+        self.tokens = tokens
         return self
 
     @torch.no_grad()
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x.float() - self.mean) / self.std)
+    def neighbours(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens [n, k], similarities [n, k]) of each query's nearest neighbours."""
+        q = F.normalize((x.float() - self.mean) / self.std, dim=-1)
+        toks, sims = [], []
+        for i in range(0, len(q), self.chunk):
+            sim, idx = (q[i : i + self.chunk] @ self.bank.T).topk(self.k, dim=-1)
+            toks.append(self.tokens[idx])
+            sims.append(sim)
+        return torch.cat(toks), torch.cat(sims)
+
+    def scores(self, x: torch.Tensor, vocab: int) -> torch.Tensor:
+        toks, sims = self.neighbours(x)
+        out = torch.zeros(len(x), vocab)
+        return out.scatter_add_(1, toks, torch.exp(20 * (sims - sims[:, :1])))
+
+
+class SearchAttacker:
+    """The weights-aware attack: re-run the public head and pick the token that reproduces the observation.
+
+    Left to right over a window, with the tokens it recovered so far as the
+    prefix (its KV cache), it runs layers [0, a) one step for each candidate
+    token and keeps the candidate whose output is nearest (L2) to the observed
+    noisy h_a: exact inversion without noise, the maximum-likelihood choice
+    among the candidates under isotropic Gaussian noise. Candidates: the
+    learned attackers' top guesses (ridge top 48 and the kNN neighbours'
+    tokens); when none reproduces the observation within the noise's expected
+    energy, it widens to the ridge top 1024, then to the whole vocabulary.
+    Without noise it is therefore exact. A wrong token early in a window
+    (a wrong prefix) spoils the positions after it, so under noise it is a
+    lower bound on what such search can do (beam search would do better).
+    """
+
+    def __init__(self, model: AuditModel, a: int, n_ridge: int = 48):
+        self.am, self.a, self.n_ridge = model, a, n_ridge
+        self.head = LayerStack(model.config, 0, a, model.reader, torch.float32)
+
+    @torch.inference_mode()
+    def window(
+        self, observed: torch.Tensor, candidates: list[torch.Tensor], fallback: list[torch.Tensor], tolerance: torch.Tensor
+    ) -> list[int]:
+        """Recover one window's tokens. ``tolerance[t]``: the squared distance the true token's
+        output may plausibly have (noise energy); when no candidate comes that close, the search
+        widens to ``fallback[t]`` (a longer candidate list) before settling for the nearest."""
+        cache = None
+        out: list[int] = []
+        for t in range(len(candidates)):
+            trial, dist, cand = self._try(cache, candidates[t], observed[t], t)
+            if float(dist.min()) > float(tolerance[t]):
+                # Widen: the longer list first, then the rest of the vocabulary, 512 at a time,
+                # until some candidate reproduces the observation within the tolerance.
+                rest = torch.ones(self.am.embed.shape[0], dtype=torch.bool)
+                rest[fallback[t]] = False
+                for chunk in torch.cat([fallback[t], rest.nonzero()[:, 0]]).split(512):
+                    w = self._try(cache, chunk, observed[t], t)
+                    if float(w[1].min()) < float(dist.min()):
+                        trial, dist, cand = w
+                    if float(dist.min()) <= float(tolerance[t]):
+                        break
+            best = int(dist.argmin())
+            out.append(int(cand[best]))
+            cache = self._select(trial, best)
+        return out
+
+    def _try(self, cache, cand: torch.Tensor, observed: torch.Tensor, t: int):
+        from transformers import DynamicCache
+
+        if cache is None:
+            trial = self.head.new_cache()
+        else:  # the recovered prefix's cache, shared by every candidate (expanded, not copied)
+            n = len(cand)
+            trial = DynamicCache(
+                [(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)) for layer in cache.layers],
+                config=self.head.config,
+            )
+        h = self.head(self.am.embed[cand][:, None, :], trial, t)[:, 0]  # [C, H]
+        return trial, (h - observed).pow(2).sum(-1), cand
+
+    def _select(self, trial, best: int):
+        from transformers import DynamicCache
+
+        return DynamicCache(
+            [(layer.keys[best : best + 1].clone(), layer.values[best : best + 1].clone()) for layer in trial.layers],
+            config=self.head.config,
+        )
 
 
 # -- the audit ----------------------------------------------------------------------------------
@@ -228,7 +318,9 @@ def run_audit(
     train_tokens: int = 60000,
     eval_tokens: int = 8000,
     window: int = 128,
-    attacker: str = "ridge",
+    attackers: tuple[str, ...] = ("ridge", "knn", "search"),
+    search_positions: int = 512,
+    fallback_candidates: int = 1024,
     seed: int = 0,
     wire_bytes: int = 4,
     log=print,
@@ -236,6 +328,9 @@ def run_audit(
     from decoding.causal_lm import load_tokenizer
 
     t0 = time.perf_counter()
+    unknown = set(attackers) - {"ridge", "knn", "search", "mlp"}
+    if unknown or not attackers:
+        raise ValueError(f"attackers must be among ridge, knn, search, mlp; got {', '.join(attackers)}")
     am = AuditModel(model)
     tok = load_tokenizer(model)
     b = b if b is not None else am.L
@@ -246,10 +341,8 @@ def run_audit(
     train_ids = windows(tok, train_files, train_tokens, window, seed)
     eval_ids = windows(tok, held_files, eval_tokens, window, seed + 1)
     log(f"audit: {model} (L={am.L}, H={am.H}); attacker text {train_ids.numel()} tokens, held-out {eval_ids.numel()} tokens")
-    train_h = am.hidden_states(train_ids, split_points)
-    eval_h = am.hidden_states(eval_ids, split_points)
-    clean_logits = eval_h.pop(-1)
-    train_h.pop(-1)
+    train_h, _ = am.hidden_states(train_ids, split_points)
+    eval_h, clean_logits = am.hidden_states(eval_ids, split_points, with_logits=True)
     clean_argmax = clean_logits[:, :-1].argmax(-1)
     targets = eval_ids[:, 1:]
     clean_ppl = math.exp(F.cross_entropy(clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1]), targets.reshape(-1)).item())
@@ -259,33 +352,75 @@ def run_audit(
 
     rows: list[AuditRow] = []
     header_bytes = 160  # measured frame prefix + JSON header of a one-row step
+    V = am.embed.shape[0]
+    truth = eval_ids.reshape(-1)
+    train_tokens_flat = train_ids.reshape(-1)
+    n_search_windows = min(len(eval_ids), max(0, search_positions // window)) if "search" in attackers else 0
     for a in split_points:
+        searcher = SearchAttacker(am, a) if n_search_windows else None
         for noise in noises:
             g = torch.Generator().manual_seed(seed * 1000 + a * 10 + int(noise * 1000))
             x_train = context_features(perturb(train_h[a].float(), noise, g))
-            x_eval_h = perturb(eval_h[a].float(), noise, g)
-            x_eval = context_features(x_eval_h)
-            if attacker == "ridge":
-                att = RidgeAttacker(am.embed).fit(x_train, train_ids.reshape(-1))
-            else:
-                att = MLPAttacker(am.embed.shape[0], seed=seed).fit(x_train, train_ids.reshape(-1))
-            truth = eval_ids.reshape(-1)
-            top5 = att.scores(x_eval).topk(5, dim=-1).indices
-            recovery = (top5[:, 0] == truth).float().mean().item()
-            recovery5 = (top5 == truth[:, None]).any(-1).float().mean().item()
-            logits = am.logits_from(a, x_eval_h)[:, :-1]
+            noisy_eval = perturb(eval_h[a].float(), noise, g)
+            x_eval = context_features(noisy_eval)
+            by: dict[str, float] = {}
+            top5: dict[str, float] = {}
+            cands: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(truth)
+            if "ridge" in attackers or "search" in attackers:
+                scores = RidgeAttacker(am.embed).fit(x_train, train_tokens_flat).scores(x_eval)
+                ranked = scores.topk(48, dim=-1).indices
+                by["ridge"] = (ranked[:, 0] == truth).float().mean().item()
+                top5["ridge"] = (ranked[:, :5] == truth[:, None]).any(-1).float().mean().item()
+                cands = list(ranked)
+                wide = list(scores[: n_search_windows * window].topk(min(V, fallback_candidates), dim=-1).indices)
+                del scores
+            if "knn" in attackers or "search" in attackers:
+                knn = KNNAttacker().fit(x_train, train_tokens_flat)
+                ranked = knn.scores(x_eval, V).topk(5, dim=-1).indices
+                by["knn"] = (ranked[:, 0] == truth).float().mean().item()
+                top5["knn"] = (ranked == truth[:, None]).any(-1).float().mean().item()
+                neigh, _ = knn.neighbours(x_eval)
+                cands = [torch.unique(torch.cat([c, n])) for c, n in zip(cands, neigh)]
+            if "mlp" in attackers:
+                ranked = MLPAttacker(V, seed=seed).fit(x_train, train_tokens_flat).scores(x_eval).topk(5, dim=-1).indices
+                by["mlp"] = (ranked[:, 0] == truth).float().mean().item()
+                top5["mlp"] = (ranked == truth[:, None]).any(-1).float().mean().item()
+            recall = None
+            if searcher is not None:
+                hits = total = covered = 0
+                for w in range(n_search_windows):
+                    span = slice(w * window, (w + 1) * window)
+                    clean = eval_h[a][w].float()
+                    # The true token's output differs from the observation by the noise alone:
+                    # E||n||^2 = (s * rms)^2 * H; allow 2x that, plus the fp16 storage error.
+                    energy = clean.pow(2).sum(-1)
+                    tolerance = 2 * noise**2 * energy + 1e-4 * energy
+                    got = searcher.window(noisy_eval[w], cands[span], wide[span], tolerance)
+                    hits += sum(int(x == y) for x, y in zip(got, truth[span].tolist()))
+                    covered += sum(int((c == y).any()) for c, y in zip(wide[span], truth[span].tolist()))
+                    total += window
+                by["search"] = hits / total
+                recall = covered / total
+            best = max(by, key=by.get)
+            logits = am.logits_from(a, noisy_eval)[:, :-1]
             agreement = (logits.argmax(-1) == clean_argmax).float().mean().item()
             ppl = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item())
-            row = AuditRow(a, b, noise, recovery, recovery5, agreement, ppl, am.H * wire_bytes + header_bytes)
+            row = AuditRow(
+                a, b, noise, by[best], best, max(top5.values()) if top5 else 0.0, agreement, ppl,
+                am.H * wire_bytes + header_bytes, by, n_search_windows * window, recall,
+            )
             rows.append(row)
-            log(f"a={a:2d} noise={noise:<5g} recovery={recovery:.3f} (top5 {recovery5:.3f}) "
-                f"agreement={agreement:.3f} ppl={ppl:.3f}")
+            log(f"a={a:2d} noise={noise:<5g} recovery={row.recovery:.3f} ({best}; "
+                + ", ".join(f"{k} {v:.3f}" for k, v in by.items())
+                + (f"; candidate recall {recall:.3f}" if recall is not None else "")
+                + f") agreement={agreement:.3f} ppl={ppl:.3f}")
     meta = {
         "model": str(model),
         "num_layers": am.L,
         "hidden_size": am.H,
         "b": b,
-        "attacker": attacker,
+        "attackers": list(attackers),
+        "search_positions": n_search_windows * window,
         "corpus": corpus_desc,
         "attacker_train_tokens": int(train_ids.numel()),
         "heldout_tokens": int(eval_ids.numel()),
@@ -306,18 +441,22 @@ def recommend(rows: list[AuditRow], min_agreement: float = 0.95) -> AuditRow | N
 
 def markdown_table(rows: list[AuditRow], meta: dict, best: AuditRow | None) -> str:
     lines = [
-        f"Model `{meta['model']}` (L={meta['num_layers']}, H={meta['hidden_size']}), b={meta['b']}, attacker "
-        f"`{meta['attacker']}`; {meta['corpus']}; {meta['attacker_train_tokens']} attacker training tokens, "
+        f"Model `{meta['model']}` (L={meta['num_layers']}, H={meta['hidden_size']}), b={meta['b']}; attackers "
+        f"{', '.join(meta['attackers'])} (search on the first {meta['search_positions']} held-out positions); "
+        f"{meta['corpus']}; {meta['attacker_train_tokens']} attacker training tokens, "
         f"{meta['heldout_tokens']} held-out tokens. Unsplit held-out perplexity {meta['unsplit_perplexity']:.3f}; "
         f"most-frequent-token baseline recovery {meta['most_frequent_token_baseline']:.3f}.",
         "",
-        "| a | noise | attacker recovery (top-1) | top-5 | greedy agreement | perplexity |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| a | noise | recovery (best attacker) | " + " | ".join(meta["attackers"])
+        + " | learned top-5 | greedy agreement | perplexity |",
+        "|---:|---:|---:|" + "---:|" * len(meta["attackers"]) + "---:|---:|---:|",
     ]
     for r in rows:
         mark = " **←**" if best is not None and r is best else ""
+        per = " | ".join(f"{r.by_attacker.get(k, float('nan')):.3f}" for k in meta["attackers"])
         lines.append(
-            f"| {r.a} | {r.noise:g} | {r.recovery:.3f} | {r.recovery_top5:.3f} | {r.agreement:.3f} | {r.perplexity:.3f}{mark} |"
+            f"| {r.a} | {r.noise:g} | {r.recovery:.3f} ({r.best_attacker}) | {per} | {r.recovery_top5:.3f} | "
+            f"{r.agreement:.3f} | {r.perplexity:.3f}{mark} |"
         )
     lines.append("")
     if best is not None:
@@ -356,7 +495,8 @@ def plot(rows: list[AuditRow], meta: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"tandem split audit: {Path(meta['model']).name} (L={meta['num_layers']}), attacker {meta['attacker']}")
+    fig.suptitle(f"tandem split audit: {Path(meta['model']).name} (L={meta['num_layers']}), "
+                 f"best of attackers {', '.join(meta['attackers'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -373,7 +513,8 @@ def main_audit(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rows, meta = run_audit(
         model, split_points, noises, b=args.b, train_tokens=args.train_tokens, eval_tokens=args.eval_tokens,
-        attacker=args.attacker, seed=args.seed,
+        attackers=tuple(x.strip() for x in args.attackers.split(",") if x.strip()),
+        search_positions=args.search_positions, seed=args.seed,
     )
     best = recommend(rows)
     out = Path(args.out)
