@@ -332,7 +332,11 @@ async def bench(args: argparse.Namespace) -> dict:
         d, h = merge(results[c]["direct"]), merge(results[c]["http"])
         rows += [d, h]
         comparison[str(c)] = overhead(d, h)
-    return {"config": config_dict(args), "results": rows, "gateway_overhead": comparison}
+        # paired per repetition (each pair ran back to back): the spread shows the machine's noise
+        paired = [overhead(dr, hr)["tpot_mean_pct"] for dr, hr in zip(results[c]["direct"], results[c]["http"])]
+        comparison[str(c)]["tpot_mean_pct_per_repeat"] = paired
+    raw = {str(c): results[c] for c in args.concurrency}
+    return {"config": config_dict(args), "results": rows, "gateway_overhead": comparison, "runs": raw}
 
 
 async def soak(args: argparse.Namespace) -> dict:
@@ -400,8 +404,9 @@ def print_bench(r: dict) -> None:
             f"{row['failed']:>4}"
         )
     for c, o in r["gateway_overhead"].items():
+        per = ", ".join(f"{x:+.1f}%" for x in o["tpot_mean_pct_per_repeat"])
         print(f"gateway overhead at {c} stream(s): TPOT mean {o['tpot_mean_pct']:+.1f}%, median {o['tpot_median_pct']:+.1f}%, "
-              f"TTFT median {o['ttft_median_added_ms']:+.1f} ms")  # fmt: skip
+              f"TTFT median {o['ttft_median_added_ms']:+.1f} ms (TPOT mean per repetition: {per})")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

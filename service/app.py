@@ -253,14 +253,15 @@ class Job:
             self._admit.cancel()
             await asyncio.gather(self._admit, return_exceptions=True)
             raise RequestTimeoutError(self.timeout_s)
-        if self._admit.cancelled():
-            raise ClientGone(self.abort_reason)
-        self.slot = self._admit.result()  # raises QueueFullError / ShuttingDownError
+        if not self._admit.cancelled():
+            self.slot = self._admit.result()  # raises QueueFullError / ShuttingDownError
         if self.abort_reason is not None:
             self._release()
             if self.abort_reason == "shutdown":
                 raise ShuttingDownError("the server is shutting down")
             raise ClientGone(self.abort_reason)
+        if self.slot is None:  # cancelled by something other than abort(): treat as gone
+            raise ClientGone("cancelled")
         self._t_admitted = time.perf_counter()
         self.record.queue_s = self._t_admitted - t0
         self.gw.metrics.queue_time.observe(self.record.queue_s)
@@ -485,6 +486,8 @@ async def _stream_events(
             yield SSE_DONE
             return
         event = await job.next_event()
+    if job.gw.settings.log_prompts:
+        job.record.output = ["".join(t) for t in job.texts]
     if include_usage:
         yield _sse({
             **head, "object": obj_name, "choices": [],

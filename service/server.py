@@ -68,12 +68,31 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Generator[None, None, None]:
+    """While the models load (nothing to drain yet), SIGTERM exits at once, with status 0."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(sig: int, frame: object) -> None:
+        log.info("received SIGTERM while loading the models: exiting")
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(settings: TandemSettings) -> int:
     """Load the models, serve until SIGTERM/SIGINT, drain; return the exit status."""
     from service.app import create_app
 
     configure_logging(settings.log_level, settings.log_json)
-    backends = build_backends(settings)  # fails here, before binding, with a clear message
+    with _exit_on_sigterm():
+        backends = build_backends(settings)  # fails here, before binding, with a clear message
     app = create_app(settings, backends)
     config = uvicorn.Config(
         app,

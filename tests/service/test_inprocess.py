@@ -192,3 +192,29 @@ def test_admission_weights_and_close():
         assert adm.in_use == 0
 
     asyncio.run(scenario())
+
+
+# -- the request log line ----------------------------------------------------------------------------------
+
+
+def test_request_log_line_keeps_prompts_out_unless_asked():
+    import json
+    import logging
+
+    from service.logs import JSONFormatter, RequestRecord, TextFormatter
+
+    record = RequestRecord(request_id="r1", method="POST", path="/v1/completions", status=200, route="/v1/completions",
+                           mode="speculative", prompt_tokens=5, completion_tokens=7, prompt="secret prompt",
+                           output=["secret output"])  # fmt: skip
+    private = record.fields(log_prompts=False)
+    assert private["request_id"] == "r1" and private["status"] == 200 and private["completion_tokens"] == 7
+    assert "prompt" not in private and "output" not in private
+    shared = record.fields(log_prompts=True)
+    assert shared["prompt"] == "secret prompt" and shared["output"] == ["secret output"]
+
+    log_record = logging.LogRecord("tandem.access", logging.INFO, __file__, 1, "request", None, None)
+    log_record.fields = private
+    line = json.loads(JSONFormatter().format(log_record))
+    assert line["msg"] == "request" and line["route"] == "/v1/completions" and line["level"] == "info"
+    text = TextFormatter().format(log_record)
+    assert "request_id=r1" in text and "status=200" in text and "secret" not in text
