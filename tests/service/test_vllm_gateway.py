@@ -1,0 +1,60 @@
+"""The gateway in front of a real vLLM verifier: it survives the verifier dying mid-stream.
+
+Kills the session's shared vLLM server (and starts it again), so it sorts last
+in the suite (tests/service runs after tests/decoding and tests/deploy).
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.service.conftest import start_server, wait_until_up
+
+
+@pytest.fixture(scope="module")
+def gateway_on_vllm(vllm_server, vllm_pair, tmp_path_factory):
+    server = start_server(
+        tmp_path_factory.mktemp("gw_vllm") / "serve.log",
+        "--verifier", vllm_server.url, "--drafter", str(vllm_pair[1]),
+        env={"TANDEM_VERIFIER_TIMEOUT_S": "2", "TANDEM_VERIFIER_RETRIES": "1"},
+    )
+    yield server
+    server.stop()
+
+
+def test_vllm_killed_mid_stream_gives_a_clean_error_and_the_gateway_recovers(gateway_on_vllm, vllm_server):
+    client = gateway_on_vllm.client()
+    before = client.completions.create(model="tandem", prompt="def main():", max_tokens=16, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert before.usage.completion_tokens > 0
+
+    stream = client.completions.create(model="tandem", prompt="import os\n", max_tokens=400, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    received = 0
+    with pytest.raises(openai.APIError) as err:
+        for chunk in stream:
+            received += len(chunk.choices[0].text) if chunk.choices else 0
+            if received and vllm_server.proc.poll() is None:
+                vllm_server.kill()
+    assert received > 0
+    assert "verifier" in str(err.value).lower() and "Traceback" not in str(err.value)
+
+    # The gateway itself stays up: liveness answers, readiness says the verifier is gone,
+    # and a new request gets a clean 503 with Retry-After.
+    assert httpx.get(gateway_on_vllm.base_url + "/health", timeout=10).status_code == 200
+    assert httpx.get(gateway_on_vllm.base_url + "/ready", timeout=30).status_code == 503
+    r = gateway_on_vllm.http.post("/v1/completions", json={"model": "tandem", "prompt": "x", "max_tokens": 4})
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+    vllm_server.start()  # same URL, empty cache, no sessions
+    wait_until_up(gateway_on_vllm, "/ready")  # no gateway restart
+    t0 = time.monotonic()
+    after = client.completions.create(model="tandem", prompt="def main():", max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert after.choices[0].text == before.choices[0].text  # greedy, lossless, same as before the crash
+    assert time.monotonic() - t0 < 60
