@@ -546,11 +546,11 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         record.prompt = text if gw.settings.log_prompts else None
     else:
         raw = body.prompts()
+        if len(raw) * n > MAX_CHOICES:  # before tokenizing them all
+            raise bad_request(f"{len(raw)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", "n")
         for p in raw:
             prompts.append(await _encode(gw, p) if isinstance(p, str) else p)
         record.prompt = raw if gw.settings.log_prompts else None
-    if len(prompts) * n > MAX_CHOICES:
-        raise bad_request(f"{len(prompts)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", "n")
 
     requested = body.requested_max_tokens()
     limit = gw.settings.max_prompt_tokens

@@ -43,6 +43,7 @@ BAD_PARAMS = [
     ({"max_tokens": "many"}, "max_tokens"),
     ({"n": 0}, "n"),
     ({"n": 1000}, "n"),
+    ({"n": 50, "prompt": ["a", "b", "c"]}, "n"),  # 150 choices > 128
     ({"seed": 2**70}, "seed"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [""]}, "stop"),
