@@ -50,6 +50,9 @@ class GatewayServer(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+            # The drain is over and the process is about to exit 0: a repeated SIGTERM
+            # (a supervisor insisting) must not turn that into death by signal.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def handle_exit(self, sig: int, frame: object) -> None:
         if not self.should_exit:
