@@ -166,6 +166,9 @@ class Metrics:
 
     def observe_round(self, stats: GenerationStats, snapshot: RoundSnapshot) -> None:
         """Record what one round (one router chunk) added to ``stats``."""
+        if stats.fallback and not snapshot.fallback:
+            self.fallbacks.labels(reason="verifier_unavailable").inc()
+            snapshot.fallback = stats.fallback
         rounds = stats.rounds - snapshot.rounds
         if rounds <= 0:
             return
@@ -191,7 +194,7 @@ class Metrics:
 class RoundSnapshot:
     """The cumulative counters of a generation at its previous round."""
 
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "verify_time_s", "accepted_per_position")
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "verify_time_s", "accepted_per_position", "fallback")
 
     def __init__(self) -> None:
         self.rounds = 0
@@ -199,6 +202,7 @@ class RoundSnapshot:
         self.accepted_tokens = 0
         self.verify_time_s = 0.0
         self.accepted_per_position: list[int] = []
+        self.fallback: str | None = None
 
     def update(self, stats: GenerationStats) -> None:
         self.rounds = stats.rounds

@@ -377,6 +377,8 @@ def stats_dict(mode: str, stats_list: list[Any]) -> dict[str, Any]:
         "mean_accepted_per_round": accepted / rounds if rounds else None,
         "verifier_forward_passes": sum(s.verifier_forward_passes for s in stats_list),
         "drafter_forward_passes": sum(s.drafter_forward_passes for s in stats_list),
+        # "drafter-only" when the verifier failed mid-request and the configured fallback finished it.
+        "fallback": next((s.fallback for s in stats_list if s.fallback), None),
     }
 
 
