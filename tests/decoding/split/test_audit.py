@@ -21,7 +21,7 @@ def test_noise_is_relative_to_the_norm():
 def test_audit_cli_reports_recovery_and_utility(tiny_verifier_dir, tmp_path):
     out = tmp_path / "audit"
     rc = main(["split", "audit", "--model", str(tiny_verifier_dir), "--split-points", "1,2", "--noise", "0,3",
-               "--train-tokens", "6000", "--eval-tokens", "1024", "--out", str(out)])
+               "--train-tokens", "6000", "--eval-tokens", "1024", "--search-positions", "32", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "audit.json").read_text())
     rows = {(r["a"], r["noise"]): r for r in report["rows"]}
@@ -32,6 +32,7 @@ def test_audit_cli_reports_recovery_and_utility(tiny_verifier_dir, tmp_path):
         assert clean["agreement"] > 0.999
         assert abs(clean["perplexity"] - report["meta"]["unsplit_perplexity"]) < 1e-2 * clean["perplexity"]
         assert clean["recovery"] > 0.8
+        assert clean["by_attacker"]["search"] == 1.0  # the weights-aware search inverts a noiseless uplink exactly
         # Heavy noise costs utility and hides tokens.
         assert noisy["agreement"] < clean["agreement"]
         assert noisy["recovery"] < clean["recovery"]
