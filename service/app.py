@@ -41,7 +41,7 @@ from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 from decoding.sampling import InvalidRequestError, SamplingParams
-from decoding.speculative import Chunk, GenerationStats, SpecOptions
+from decoding.speculative import Chunk, GenerationStats, SpecOptions, SpeculativeRouter
 from decoding.verifiers import VerifierUnavailableError
 from service.admission import Admission, RequestTimeoutError, ShuttingDownError, Slot
 from service.backends import Backends, build_backends, spec_options
@@ -153,12 +153,22 @@ class Gateway:
         else:
             num = min(max(base.num_draft_tokens, lo), hi)
         return SpecOptions(
-            mode=t.mode or base.mode,
+            mode=base.mode if t.mode in (None, "split") else t.mode,
             num_draft_tokens=num,
             min_draft_tokens=lo,
             max_draft_tokens=hi,
             adaptive=base.adaptive if t.adaptive is None else t.adaptive,
         )
+
+    def route(self, t: TandemOptions | None, options: SpecOptions) -> tuple[SpeculativeRouter, SpecOptions, str]:
+        """(router, options, mode label) for a request: split by the privacy policy or ``tandem.mode``."""
+        split = self.settings.split_policy == "always" or (t is not None and t.mode == "split")
+        if not split:
+            return self.backends.router, options, options.mode
+        if self.backends.split_router is None:
+            raise bad_request("mode 'split' needs a split worker: set split_worker_url on the server", "tandem.mode")
+        mode = "speculative" if self.settings.split_speculative else "verifier-only"
+        return self.backends.split_router, dataclasses.replace(options, mode=mode), "split"
 
     def begin_drain(self, grace_s: float) -> None:
         """Stop admitting requests; cut off the remaining generations after ``grace_s``."""
@@ -201,6 +211,7 @@ class Job:
     def __init__(
         self,
         gw: Gateway,
+        router: SpeculativeRouter,
         receive: Receive,
         record: RequestRecord,
         choices: list[ChoiceSpec],
@@ -208,6 +219,7 @@ class Job:
         prompt_tokens: int,
     ):
         self.gw = gw
+        self.router = router  # the speculative core, or the same core over the split verifier
         self.record = record
         self.choices = choices
         self.options = options
@@ -300,14 +312,14 @@ class Job:
     # -- the producers ---------------------------------------------------------------------
 
     async def _run_choice(self, spec: ChoiceSpec, sem: asyncio.Semaphore | None) -> None:
-        gw, m, record, mode = self.gw, self.gw.metrics, self.record, self.options.mode
+        gw, m, record, mode = self.gw, self.gw.metrics, self.record, self.record.mode
         generated = m.generation_tokens.labels(mode)
         label = "abort"
         snapshot = RoundSnapshot()
         t_prev: float | None = None
         deadline = asyncio.timeout_at(self.deadline)
         try:
-            stream = gw.backends.router.stream(spec.prompt_ids, spec.params, self.options)
+            stream = self.router.stream(spec.prompt_ids, spec.params, self.options)
             async with deadline, (sem if sem is not None else contextlib.nullcontext()), contextlib.aclosing(stream):
                 async for chunk in stream:
                     now = time.perf_counter()
@@ -475,7 +487,7 @@ async def _stream_events(
         if kind == CHUNK:
             c: Chunk = payload
             if c.finish_reason is not None:
-                yield chunk(index, c.text, c.finish_reason, {"tandem": stats_dict(job.options.mode, [c.stats])})
+                yield chunk(index, c.text, c.finish_reason, {"tandem": stats_dict(job.record.mode, [c.stats])})
             elif c.text:
                 yield chunk(index, c.text, None)
         else:
@@ -492,7 +504,7 @@ async def _stream_events(
         yield _sse({
             **head, "object": obj_name, "choices": [],
             "usage": usage_dict(job.prompt_tokens, job.completion_tokens),
-            "tandem": stats_dict(job.options.mode, [s for s in job.stats if s is not None]),
+            "tandem": stats_dict(job.record.mode, [s for s in job.stats if s is not None]),
         })  # fmt: skip
     yield SSE_DONE
 
@@ -536,8 +548,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         )  # fmt: skip
     body.check_supported()
     options = gw.request_options(body.tandem)
-    record.mode = options.mode
-    router = gw.backends.router
+    router, options, record.mode = gw.route(body.tandem, options)
 
     prompts: list[list[int]] = []
     if isinstance(body, ChatCompletionRequest):
@@ -583,7 +594,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
     prompt_tokens = sum(len(ids) for ids in prompts)
     record.prompt_tokens = prompt_tokens
 
-    job = Job(gw, request.receive, record, choices, options, prompt_tokens)
+    job = Job(gw, router, request.receive, record, choices, options, prompt_tokens)
     head = {
         "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
         "object": "",  # set per message; placed here for OpenAI's key order
@@ -628,7 +639,7 @@ async def _generate(request: Request, body: CompletionRequest | ChatCompletionRe
         "object": "chat.completion" if chat else "text_completion",
         "choices": out_choices,
         "usage": usage_dict(prompt_tokens, job.completion_tokens),
-        "tandem": stats_dict(options.mode, [s for s in job.stats if s is not None]),
+        "tandem": stats_dict(record.mode, [s for s in job.stats if s is not None]),
     }
     return Response(dumps(out), media_type="application/json")
 

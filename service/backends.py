@@ -21,9 +21,14 @@ class Backends:
     verifier: Verifier
     drafter: Drafter | None
     tokenizer: PreTrainedTokenizerBase
+    #: The same decoding core over the split verifier (edge head/tail + datacenter body),
+    #: for private requests; None unless ``split_worker_url`` is configured.
+    split_router: SpeculativeRouter | None = None
 
     async def aclose(self) -> None:
         await self.verifier.aclose()
+        if self.split_router is not None:
+            await self.split_router.verifier.aclose()
         if self.drafter is not None and self.drafter is not self.verifier:
             await self.drafter.aclose()
 
@@ -80,4 +85,12 @@ def build_backends(settings: TandemSettings) -> Backends:
     router = SpeculativeRouter(
         verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend, settings.verifier_fallback
     )
-    return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer)
+    split_router = None
+    if settings.split_worker_url:
+        from decoding.split.edge import SplitVerifier
+
+        split_verifier = SplitVerifier.from_settings(settings, tokenizer)
+        split_router = SpeculativeRouter(
+            split_verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend
+        )
+    return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer, split_router=split_router)

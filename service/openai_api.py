@@ -68,8 +68,10 @@ class TandemOptions(BaseModel):
     """tandem's per-request decoding options; unset fields take the server's settings."""
 
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["speculative", "verifier-only", "drafter-only"] | None = Field(
-        None, description="speculative (default), verifier-only (the verifier alone) or drafter-only"
+    mode: Literal["speculative", "verifier-only", "drafter-only", "split"] | None = Field(
+        None,
+        description="speculative (default), verifier-only (the verifier alone), drafter-only, or split: the "
+        "verifier runs split between the edge and the split worker, so no token leaves the edge",
     )
     num_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT, description="Draft length k of the first round.")
     min_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT, description="Lower bound of the adaptive k.")

@@ -1,0 +1,54 @@
+"""The gateway routes private requests to split inference (`tandem.mode = "split"`).
+
+A real `tandem serve` and a real `tandem split-worker`, both subprocesses.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.decoding.split.conftest import TOKEN, WorkerProcess
+from tests.service.conftest import model_args, start_server
+
+PROMPT = "def main():\n    return"
+
+
+@pytest.fixture(scope="module")
+def split_gateway(tiny_verifier_dir, tiny_drafter_dir, tmp_path_factory):
+    worker = WorkerProcess(tiny_verifier_dir, "1:2").start()
+    env = {"TANDEM_SPLIT_WORKER_URL": worker.url, "TANDEM_SPLIT_LAYERS": "1:2", "TANDEM_SPLIT_TOKEN": TOKEN}
+    server = start_server(tmp_path_factory.mktemp("split_gw") / "serve.log",
+                          *model_args(tiny_verifier_dir, tiny_drafter_dir), env=env)
+    yield server, worker
+    server.stop()
+    worker.stop()
+
+
+def test_split_requests_are_token_identical_and_go_through_the_worker(split_gateway):
+    server, worker = split_gateway
+    client = server.client()
+    common = dict(model="tandem", prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(**common)
+    before = server.metric("tandem_requests_total", mode="split")
+    split = client.completions.create(**{**common, "extra_body": {"ignore_eos": True, "tandem": {"mode": "split"}}})
+    # Lossless: the split model, drafted speculatively, gives the unsplit verifier's greedy tokens.
+    assert split.choices[0].text == plain.choices[0].text
+    assert split.model_extra["tandem"]["mode"] == "split"
+    assert split.model_extra["tandem"]["verifier_forward_passes"] >= 1
+    assert server.metric("tandem_requests_total", mode="split") == before + 1
+    worker_metrics = httpx.get(worker.url + "/metrics", timeout=10).text
+    steps = [line for line in worker_metrics.splitlines() if line.startswith("tandem_split_worker_steps_total")]
+    assert steps and float(steps[0].split()[-1]) >= split.model_extra["tandem"]["verifier_forward_passes"]
+
+
+def test_split_mode_without_a_worker_is_a_clear_400(tiny_verifier_dir, tiny_drafter_dir, tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("nosplit") / "serve.log",
+                          *model_args(tiny_verifier_dir, tiny_drafter_dir))
+    try:
+        r = server.http.post("/v1/completions", json={"model": "tandem", "prompt": "x", "max_tokens": 2,
+                                                      "tandem": {"mode": "split"}})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "tandem.mode" and "split_worker_url" in r.json()["error"]["message"]
+    finally:
+        server.stop()
