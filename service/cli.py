@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         "TANDEM_SPLIT_TOKEN (or split_token in --config).",
     )
     w.add_argument("--model", required=True, metavar="DIR", help="model directory (a Llama-family safetensors checkpoint)")
-    w.add_argument("--layers", required=True, metavar="A:B", help="the decoder layers this worker runs, a < b")
+    w.add_argument("--layers", required=True, metavar="A:B",
+                   help="the decoder layers this worker runs, a < b ('1:' = from layer 1 to the end, '1:-1' = all but the last)")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     w.add_argument("--port", type=int, default=8100, help="port (default: 8100)")
     w.add_argument("--session-ttl", type=float, metavar="S", help="evict sessions idle this long (default: 300)")
@@ -233,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--train-tokens", type=int, default=60000, help="attacker training tokens (default: 60000)")
     a.add_argument("--eval-tokens", type=int, default=8000, help="held-out evaluation tokens (default: 8000)")
-    a.add_argument("--attackers", default="ridge,knn,search", metavar="A,A,...",
-                   help="inversion attackers among ridge, knn, search, mlp (default: ridge,knn,search)")
+    a.add_argument("--attackers", default="ridge,knn,search,predict", metavar="A,A,...",
+                   help="attackers among ridge, knn, search, predict, mlp (default: ridge,knn,search,predict)")
     a.add_argument("--search-positions", type=int, default=256, metavar="N",
                    help="held-out positions the (slow) search attack inverts (default: 256)")
     a.add_argument("--seed", type=int, default=0)

@@ -61,9 +61,15 @@ class TandemSettings(BaseSettings):
     # -- split inference (decoding/split, docs/split-inference.md) ----------------
     split_worker_url: str | None = Field(None, description="http(s)://host:port of the tandem split worker holding the body.")
     split_model: str | None = Field(None, description="Model directory split at split_layers; default: the local verifier.")
-    split_layers: str = Field("1:2", pattern=r"^\d+:\d+$", description="a:b; the edge runs [0,a) and [b,L), the worker [a,b).")
+    split_layers: str = Field(
+        "1:", pattern=r"^\d+:(-?\d+)?$",
+        description="a:b; the edge runs [0,a) and [b,L), the worker [a,b). 'a:' = b is L; a negative b counts from the end.",
+    )
     split_token: SecretStr | None = Field(None, description="Shared bearer token of the split worker (TANDEM_SPLIT_TOKEN).")
-    split_noise_scale: float = Field(0.0, ge=0, description="Gaussian noise on the uplink, relative to each hidden state's norm.")
+    split_noise_scale: float = Field(
+        0.1, ge=0, description="Gaussian noise on the uplink, relative to each hidden state's norm (0.1: the audit's "
+        "recommendation for the demo pair; 0 = exact, token-identical to the unsplit model, but invertible)."
+    )
     split_wire_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="Hidden-state dtype on the wire; 'auto' = the compute dtype (lossless). float16 halves "
         "the bytes of a float32 model but may flip near-tied greedy choices."

@@ -18,6 +18,11 @@ each reported, the table's headline is the best of them):
   attackers' top guesses) and keeps the one whose output is nearest to the
   observed h_a: exact without noise, maximum likelihood among the candidates
   under Gaussian noise. Slower, so run on the first ``--search-positions``.
+* ``predict``: no training at all: the public layers [a, L) and head turn
+  the observed h_{t-1} into the model's own guess of token t. Whatever noise
+  leaves the split model useful leaves this attack as useful: its recovery is
+  the model's next-token accuracy times (roughly) the greedy agreement, a
+  floor that no noise meeting a utility target can push recovery below.
 * ``mlp`` (optional): a 2-layer MLP classifier over the vocabulary.
 
 Reported: top-1 token recovery on held-out text, next to the "most frequent
@@ -324,7 +329,7 @@ def run_audit(
     train_tokens: int = 60000,
     eval_tokens: int = 8000,
     window: int = 128,
-    attackers: tuple[str, ...] = ("ridge", "knn", "search"),
+    attackers: tuple[str, ...] = ("ridge", "knn", "search", "predict"),
     search_positions: int = 512,
     fallback_candidates: int = 1024,
     seed: int = 0,
@@ -334,9 +339,9 @@ def run_audit(
     from decoding.causal_lm import load_tokenizer
 
     t0 = time.perf_counter()
-    unknown = set(attackers) - {"ridge", "knn", "search", "mlp"}
+    unknown = set(attackers) - {"ridge", "knn", "search", "predict", "mlp"}
     if unknown or not attackers:
-        raise ValueError(f"attackers must be among ridge, knn, search, mlp; got {', '.join(attackers)}")
+        raise ValueError(f"attackers must be among ridge, knn, search, predict, mlp; got {', '.join(attackers)}")
     am = AuditModel(model)
     tok = load_tokenizer(model)
     b = b if b is not None else am.L
@@ -351,6 +356,7 @@ def run_audit(
     eval_h, clean_logits = am.hidden_states(eval_ids, split_points, with_logits=True)
     clean_argmax = clean_logits[:, :-1].argmax(-1)
     targets = eval_ids[:, 1:]
+    next_token_accuracy = (clean_argmax == targets).float().mean().item()
     clean_ppl = math.exp(F.cross_entropy(clean_logits[:, :-1].reshape(-1, clean_logits.shape[-1]), targets.reshape(-1)).item())
     counts = torch.bincount(train_ids.reshape(-1), minlength=am.embed.shape[0])
     baseline = (eval_ids == counts.argmax()).float().mean().item()
@@ -411,8 +417,12 @@ def run_audit(
                     total += per_window
                 by["search"] = hits / total
                 recall = covered / total
-            best = max(by, key=by.get)
             logits = am.logits_from(a, noisy_eval)[:, :-1]
+            if "predict" in attackers:
+                # The public body and tail turn h_{t-1} into the model's guess of token t (the first
+                # token of a window has no predecessor: counted as a miss).
+                by["predict"] = (logits.argmax(-1) == targets).float().sum().item() / truth.numel()
+            best = max(by, key=by.get)
             agreement = (logits.argmax(-1) == clean_argmax).float().mean().item()
             ppl = math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).item())
             row = AuditRow(
@@ -435,6 +445,7 @@ def run_audit(
         "attacker_train_tokens": int(train_ids.numel()),
         "heldout_tokens": int(eval_ids.numel()),
         "unsplit_perplexity": clean_ppl,
+        "unsplit_next_token_accuracy": next_token_accuracy,
         "most_frequent_token_baseline": baseline,
         "seconds": time.perf_counter() - t0,
         "seed": seed,
@@ -454,7 +465,8 @@ def markdown_table(rows: list[AuditRow], meta: dict, best: AuditRow | None) -> s
         f"Model `{meta['model']}` (L={meta['num_layers']}, H={meta['hidden_size']}), b={meta['b']}; attackers "
         f"{', '.join(meta['attackers'])} (search on {meta['search_positions']} held-out positions: the start of 4 windows); "
         f"{meta['corpus']}; {meta['attacker_train_tokens']} attacker training tokens, "
-        f"{meta['heldout_tokens']} held-out tokens. Unsplit held-out perplexity {meta['unsplit_perplexity']:.3f}; "
+        f"{meta['heldout_tokens']} held-out tokens. Unsplit held-out perplexity {meta['unsplit_perplexity']:.3f}, "
+        f"next-token top-1 accuracy {meta['unsplit_next_token_accuracy']:.3f}; "
         f"most-frequent-token baseline recovery {meta['most_frequent_token_baseline']:.3f}.",
         "",
         "| a | noise | recovery (best attacker) | " + " | ".join(meta["attackers"])

@@ -44,18 +44,30 @@ class SplitConfigError(ValueError):
     """Invalid split points, or a model this partitioner cannot split."""
 
 
-def parse_layers(spec: str | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``"a:b"`` (or a pair) -> (a, b); the bounds are checked by :func:`check_split`."""
+def parse_layers(spec: str | tuple[int, int | None] | list[int]) -> tuple[int, int | None]:
+    """``"a:b"`` (or a pair) -> (a, b). ``"a:"`` means b = L (the worker runs everything after
+    the head; the edge keeps only the final norm and LM head), a negative b counts from the end
+    (``"1:-1"``: b = L - 1). Resolve with :func:`resolve_layers`; bounds are checked there."""
     if isinstance(spec, str):
         parts = spec.split(":")
         if len(parts) != 2:
-            raise SplitConfigError(f"split layers must look like 'a:b' (for example '1:3'), got {spec!r}")
+            raise SplitConfigError(f"split layers must look like 'a:b' (for example '1:3', '1:' or '1:-1'), got {spec!r}")
         try:
-            return int(parts[0]), int(parts[1])
+            return int(parts[0]), (int(parts[1]) if parts[1].strip() else None)
         except ValueError:
-            raise SplitConfigError(f"split layers must be two integers 'a:b', got {spec!r}") from None
+            raise SplitConfigError(f"split layers must be two integers 'a:b' (b may be empty or negative), got {spec!r}") from None
     a, b = spec
-    return int(a), int(b)
+    return int(a), (None if b is None else int(b))
+
+
+def resolve_layers(a: int, b: int | None, num_layers: int) -> tuple[int, int]:
+    """Concrete (a, b) for a model of ``num_layers`` layers, checked."""
+    if b is None:
+        b = num_layers
+    elif b < 0:
+        b = num_layers + b
+    check_split(a, b, num_layers)
+    return a, b
 
 
 def check_split(a: int, b: int, num_layers: int) -> None:
@@ -243,12 +255,14 @@ def crop_cache(cache: DynamicCache | None, length: int) -> None:
 class BodyModel(nn.Module):
     """The worker's part: decoder layers [a, b), nothing else."""
 
-    def __init__(self, path: str | Path, a: int, b: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(
+        self, path: str | Path, a: int, b: int | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ):
         super().__init__()
         self.path = check_model_dir(path)
         self.config = load_config(self.path)
         self.num_layers = int(self.config.num_hidden_layers)
-        check_split(a, b, self.num_layers)
+        a, b = resolve_layers(a, b, self.num_layers)
         self.a, self.b = a, b
         self.hidden_size = int(self.config.hidden_size)
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
@@ -273,12 +287,14 @@ class BodyModel(nn.Module):
 class EdgeModel(nn.Module):
     """The edge's part: embeddings, layers [0, a), layers [b, L), final norm and LM head."""
 
-    def __init__(self, path: str | Path, a: int, b: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(
+        self, path: str | Path, a: int, b: int | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ):
         super().__init__()
         self.path = check_model_dir(path)
         self.config = load_config(self.path)
         self.num_layers = int(self.config.num_hidden_layers)
-        check_split(a, b, self.num_layers)
+        a, b = resolve_layers(a, b, self.num_layers)
         self.a, self.b = a, b
         self.hidden_size = int(self.config.hidden_size)
         self.vocab_size = int(self.config.vocab_size)

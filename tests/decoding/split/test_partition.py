@@ -156,3 +156,13 @@ def test_demo_split_points_match_unsplit():
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
     lm.close()
+
+
+def test_layer_spec_forms(tiny_verifier_dir):
+    from decoding.split.partition import resolve_layers
+
+    assert parse_layers("1:") == (1, None) and resolve_layers(1, None, L) == (1, L)
+    assert parse_layers("1:-1") == (1, -1) and resolve_layers(1, -1, L) == (1, L - 1)
+    assert EdgeModel(tiny_verifier_dir, *parse_layers("2:")).b == L
+    with pytest.raises(SplitConfigError, match="a < b"):
+        resolve_layers(2, -1, L)
