@@ -17,7 +17,9 @@ PROMPT = "def main():\n    return"
 @pytest.fixture(scope="module")
 def split_gateway(tiny_verifier_dir, tiny_drafter_dir, tmp_path_factory):
     worker = WorkerProcess(tiny_verifier_dir, "1:2").start()
-    env = {"TANDEM_SPLIT_WORKER_URL": worker.url, "TANDEM_SPLIT_LAYERS": "1:2", "TANDEM_SPLIT_TOKEN": TOKEN}
+    # Noise 0: the lossless case (with noise, greedy agreement is a measured utility cost, see the audit).
+    env = {"TANDEM_SPLIT_WORKER_URL": worker.url, "TANDEM_SPLIT_LAYERS": "1:2", "TANDEM_SPLIT_TOKEN": TOKEN,
+           "TANDEM_SPLIT_NOISE_SCALE": "0"}
     server = start_server(tmp_path_factory.mktemp("split_gw") / "serve.log",
                           *model_args(tiny_verifier_dir, tiny_drafter_dir), env=env)
     yield server, worker
