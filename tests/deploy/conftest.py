@@ -201,6 +201,8 @@ def prometheus_config(stack: Stack, rules_dir: Path, port: int) -> dict:
 @dataclass
 class Prometheus:
     proc: Proc
+    #: The scrape URLs of every configured target: waits count a scrape only when all of them took one.
+    targets: set[str]
 
     @property
     def url(self) -> str:
@@ -218,21 +220,27 @@ class Prometheus:
         return data["result"]
 
     def wait_scrapes(self, n: int = 3) -> None:
-        """Wait until every target has been scraped n more times (1 s interval)."""
+        """Wait until every configured target has been scraped n more times (1 s interval).
+
+        Prometheus answers /-/ready before its scrape manager has synced the targets, so
+        activeTargets can be empty or partial at first: a wait that trusted it would return at
+        once, and traffic sent next would predate the first sample (rate() then sees no increase).
+        """
         def last_scrapes() -> dict[str, str]:
             return {t["scrapeUrl"]: t["lastScrape"] for t in self.api("targets")["activeTargets"]}
 
-        seen = last_scrapes()
+        seen = {u: "" for u in self.targets}
+        now: dict[str, str] = {}
         for _ in range(n):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 now = last_scrapes()
-                if all(now[u] != seen[u] for u in seen):
+                if all(now.get(u, "") not in ("", "0001-01-01T00:00:00Z", seen[u]) for u in self.targets):
                     seen = now
                     break
                 time.sleep(0.2)
             else:
-                raise AssertionError(f"Prometheus stopped scraping: {now}")
+                raise AssertionError(f"Prometheus did not scrape every target (want {sorted(self.targets)}): {now}")
 
 
 @pytest.fixture(scope="session")
@@ -248,7 +256,14 @@ def prometheus(stack, tmp_path_factory) -> Iterator[Prometheus]:
                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stack.log_dir, port)  # fmt: skip
     try:
         proc.wait_http("/-/ready", timeout=60)
-        prom = Prometheus(proc)
+        config = yaml.safe_load(config_path.read_text())
+        targets = {
+            f"http://{t}{job.get('metrics_path', '/metrics')}"
+            for job in config["scrape_configs"]
+            for sc in job["static_configs"]
+            for t in sc["targets"]
+        }
+        prom = Prometheus(proc, targets)
         prom.wait_scrapes(2)
         yield prom
     finally:
