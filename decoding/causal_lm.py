@@ -105,6 +105,20 @@ def read_config(path: str | Path) -> dict:
     return json.loads((check_model_dir(path) / "config.json").read_text())
 
 
+def still_valid(cached: Sequence[int], start: int, tokens: Sequence[int]) -> int:
+    """How many cached positions stay valid once ``tokens`` are committed at ``start``.
+
+    The cache holds ``cached`` (the context plus the drafts scored last round); the
+    drafts that the committed tokens confirm keep their keys and values.
+    """
+    valid = min(start, len(cached))
+    for cached_tok, tok in zip(cached[start:], tokens):
+        if cached_tok != tok:
+            break
+        valid += 1
+    return valid
+
+
 class CachedSequence:
     """One request's context on one model, with a KV cache that can roll back.
 
@@ -146,12 +160,7 @@ class CachedSequence:
         prefix that is still valid (the accepted drafts)."""
         start = len(self.ids)
         self.ids.extend(tokens)
-        valid = min(start, len(self.cached))
-        for cached_tok, tok in zip(self.cached[start:], tokens):
-            if cached_tok != tok:
-                break
-            valid += 1
-        self._crop_to(valid)
+        self._crop_to(still_valid(self.cached, start, tokens))
 
     def _crop_to(self, length: int) -> None:
         drop = len(self.cached) - length

@@ -70,24 +70,32 @@ TINY_VERIFIER = TinySpec(hidden_size=64, num_layers=3)
 TINY_DRAFTER = TinySpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
 
 
-def build_model(
-    out: Path, tokenizer: PreTrainedTokenizerFast, spec: TinySpec, seed: int, dtype: torch.dtype = torch.float32
-) -> Path:
-    """Save a randomly initialised Llama with ``tokenizer`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(
+def llama_config(
+    tokenizer: PreTrainedTokenizerFast, spec: TinySpec, *, context: int | None = None, tied: bool = False
+) -> LlamaConfig:
+    """A Llama config of ``spec``'s shape over ``tokenizer``'s vocabulary (``context``
+    defaults to the spec's; ``tied`` shares the embedding and LM-head weights)."""
+    return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
         num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=False,
+        max_position_embeddings=context or spec.max_position_embeddings,
+        tie_word_embeddings=tied,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_model(
+    out: Path, tokenizer: PreTrainedTokenizerFast, spec: TinySpec, seed: int, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Save a randomly initialised Llama with ``tokenizer`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = llama_config(tokenizer, spec)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if spec.logit_scale != 1.0:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from decoding.tiny_models import TinySpec, stdlib_files, train_bpe_tokenizer
+from decoding.tiny_models import TinySpec, llama_config, stdlib_files, train_bpe_tokenizer
 
 
 @dataclass(frozen=True)
@@ -180,24 +180,6 @@ def heldout_prompts(
 
 
 # -- models ---------------------------------------------------------------------
-
-
-def make_config(tokenizer: PreTrainedTokenizerFast, spec: TinySpec, context: int) -> LlamaConfig:
-    """Like :func:`decoding.tiny_models.build_model`'s config, but with tied
-    embeddings (half the embedding bytes: they dominate a small model)."""
-    return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size or 4 * spec.hidden_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=context,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
 
 
 def init_model(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
@@ -552,7 +534,8 @@ def build_demo(
     # Verifier. The drafters learn from the saved fp16 weights (save_model rounds the
     # in-memory model to them), so reusing a saved verifier gives the same drafters.
     t = time.perf_counter()
-    v_config = make_config(tokenizer, recipe.verifier, recipe.context)
+    # Tied embeddings: half the embedding bytes, which dominate a model this small.
+    v_config = llama_config(tokenizer, recipe.verifier, context=recipe.context, tied=True)
     reused = reuse_verifier and _reusable_verifier(out / "verifier", seed, recipe)
     if reused:
         from transformers import AutoModelForCausalLM
@@ -592,7 +575,7 @@ def build_demo(
         distill_targets = data_targets
     timings["soft_targets"] = time.perf_counter() - t
     del verifier
-    d_config = make_config(tokenizer, recipe.drafter, recipe.context)
+    d_config = llama_config(tokenizer, recipe.drafter, context=recipe.context, tied=True)
     for key, distill, dirname in (("drafter_data_only", False, "drafter-data-only"), ("drafter", True, "drafter")):
         t = time.perf_counter()
         model = init_model(d_config, seed + 3)

@@ -26,13 +26,21 @@ def verify_drafts(
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: Backend = "auto",
+    nan_check: Literal["full", "touched"] = "full",
 ) -> VerificationResult:
-    """Verify a batch of drafts; same contract as :func:`kernels.reference.verify_drafts`."""
+    """Verify a batch of drafts; same contract as :func:`kernels.reference.verify_drafts`.
+
+    ``nan_check`` (Triton only): ``"full"`` reads every element of p and q to reject NaN, like
+    the reference; ``"touched"`` checks only the elements the maths reads, which saves a full
+    pass over [B, K+1, V] at large V. The torch reference always checks fully.
+    """
+    if nan_check not in ("full", "touched"):
+        raise ValueError(f"nan_check must be 'full' or 'touched', got {nan_check!r}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     use_triton = backend == "triton" or (backend == "auto" and target_probs.is_cuda)
     if use_triton:
         from kernels.triton_verify import verify_drafts_triton
 
-        return verify_drafts_triton(draft_tokens, draft_lens, target_probs, draft_probs, generator)
+        return verify_drafts_triton(draft_tokens, draft_lens, target_probs, draft_probs, generator, nan_check=nan_check)
     return _verify_torch(draft_tokens, draft_lens, target_probs, draft_probs, generator)

@@ -42,6 +42,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from decoding.sampling import InvalidRequestError, SamplingParams
 from decoding.speculative import Chunk, GenerationStats, SpecOptions, SpeculativeRouter
+from decoding.split import route as split_route
 from decoding.verifiers import VerifierUnavailableError
 from service.admission import Admission, RequestTimeoutError, ShuttingDownError, Slot
 from service.backends import Backends, build_backends, spec_options
@@ -162,12 +163,13 @@ class Gateway:
 
     def route(self, t: TandemOptions | None, options: SpecOptions) -> tuple[SpeculativeRouter, SpecOptions, str]:
         """(router, options, mode label) for a request: split by the privacy policy or ``tandem.mode``."""
-        split = self.settings.split_policy == "always" or (t is not None and t.mode == "split")
-        if not split:
+        use_split, mode = split_route(
+            self.settings, t.mode if t is not None else None, has_drafter=self.backends.drafter is not None
+        )
+        if not use_split:
             return self.backends.router, options, options.mode
         if self.backends.split_router is None:
             raise bad_request("mode 'split' needs a split worker: set split_worker_url on the server", "tandem.mode")
-        mode = "speculative" if self.settings.split_speculative else "verifier-only"
         return self.backends.split_router, dataclasses.replace(options, mode=mode), "split"
 
     def begin_drain(self, grace_s: float) -> None:
@@ -763,6 +765,10 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if gw.backends is None:
             gw.backends = await asyncio.to_thread(build_backends, settings)
+        if gw.backends.split_router is not None:
+            from decoding.split.edge import edge_metrics
+
+            edge_metrics().register(gw.metrics.registry)  # tandem_split_*: bytes, rounds, replays, failures
         log.info(
             "ready: model %r (verifier %s, drafter %s), mode %s, %d slots, queue %d, auth %s",
             settings.model_name, gw.backends.verifier.name, gw.backends.drafter.name if gw.backends.drafter else "-",
@@ -830,12 +836,24 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
         if gw.backends is None:
             raise APIError(503, "the models are still loading", "service_unavailable_error", code="not_ready",
                            headers={"Retry-After": "5"})  # fmt: skip
+        body = {"status": "ready", "model": settings.model_name}
+        split_router = gw.backends.split_router
         try:
             await asyncio.wait_for(gw.backends.verifier.check_ready(), timeout=10)
+            if split_router is not None:
+                try:
+                    await asyncio.wait_for(split_router.verifier.check_ready(), timeout=10)
+                    body["split_worker"] = "ready"
+                except (VerifierUnavailableError, TimeoutError):
+                    # Only private requests need the worker: unless every request does, the gateway
+                    # stays in rotation for the others and says what is missing.
+                    if settings.split_policy == "always":
+                        raise
+                    body["split_worker"] = "unavailable"
         except (VerifierUnavailableError, TimeoutError) as exc:
             gw.metrics.verifier_errors.labels("unavailable" if isinstance(exc, VerifierUnavailableError) else "timeout").inc()
             raise VerifierUnavailableError(str(exc) or "the readiness check timed out") from None
-        return Response(dumps({"status": "ready", "model": settings.model_name}), media_type="application/json")
+        return Response(dumps(body), media_type="application/json")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:

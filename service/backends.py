@@ -45,6 +45,8 @@ def spec_options(settings: TandemSettings) -> SpecOptions:
 
 def build_backends(settings: TandemSettings) -> Backends:
     """Load the models and wire the router; raises ModelLoadError with a clear message."""
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)  # process-wide: the models are this process's work
     verifier_path, drafter_path = settings.verifier, settings.drafter
     if verifier_path is None or drafter_path is None:
         default_verifier, default_drafter = default_pair()
@@ -87,10 +89,13 @@ def build_backends(settings: TandemSettings) -> Backends:
     )
     split_router = None
     if settings.split_worker_url:
-        from decoding.split.edge import SplitVerifier
+        from decoding.split.edge import SplitAwareDrafter, SplitVerifier
 
         split_verifier = SplitVerifier.from_settings(settings, tokenizer)
+        # A split verification is a network round trip, so the drafter's cost relative to it is
+        # measured, not the parameter ratio: adaptive k then grows with the RTT.
         split_router = SpeculativeRouter(
-            split_verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend
+            split_verifier, SplitAwareDrafter(drafter, split_verifier) if drafter else None, tokenizer, spec_options(settings),
+            settings.kernel_backend,
         )
     return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer, split_router=split_router)

@@ -23,6 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--drafter", metavar="DIR|ngram", help="drafter model directory, or 'ngram' (default: the demo pair)")
     p.add_argument("--device", help="torch device for in-process models (default: cpu)")
+    p.add_argument("--torch-threads", type=int, metavar="N",
+                   help="torch intra-op threads for in-process models (default: torch's choice, one per core)")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -38,7 +40,7 @@ def _settings(args: argparse.Namespace, *names: str) -> TandemSettings:
     return TandemSettings.load(getattr(args, "config", None), **overrides)
 
 
-MODEL_SETTINGS = ("verifier", "drafter", "device")
+MODEL_SETTINGS = ("verifier", "drafter", "device", "torch_threads")
 DECODING_SETTINGS = ("mode", "num_draft_tokens", "min_draft_tokens", "max_draft_tokens", "adaptive_draft")
 
 
@@ -112,6 +114,8 @@ def cmd_split_worker(args: argparse.Namespace) -> int:
     from decoding.split.worker import run_worker
 
     settings = _settings(args, "device")
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     token = settings.split_token.get_secret_value() if settings.split_token else None
     return run_worker(
         args.model,

@@ -35,6 +35,10 @@ class TandemSettings(BaseSettings):
     model_name: str = Field("tandem", description="Model id served on /v1/models and accepted in requests.")
     device: str = Field("cpu", description="Torch device of the in-process models.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    torch_threads: int | None = Field(
+        None, ge=1, description="Torch intra-op threads of the in-process models (default: torch's choice, one per "
+        "core). Models of a few million parameters run faster on 1: see BENCHMARKS.md.",
+    )
     kernel_backend: Literal["auto", "triton", "torch"] = "auto"
 
     # -- decoding defaults (per request overridable through the `tandem` object) --

@@ -38,8 +38,9 @@ from typing import Any
 
 import httpx
 import torch
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from decoding.causal_lm import still_valid
 from decoding.split import wire
 from decoding.split.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
 from decoding.verifiers import VerifierUnavailableError
@@ -68,6 +69,11 @@ class _EdgeMetrics:
         self.replayed_tokens = Counter("tandem_split_replayed_tokens_total", "Positions re-sent by replays")
         self.failures = Counter("tandem_split_failures_total", "Split steps that failed (503 to the client), by reason", ["reason"])
         self.sessions = Gauge("tandem_split_sessions_active", "Split sessions open on this edge")
+
+    def register(self, registry: CollectorRegistry) -> None:
+        """Also expose these (process-wide) metrics on ``registry``, e.g. the gateway's /metrics."""
+        for collector in vars(self).values():
+            registry.register(collector)
 
 
 _METRICS: _EdgeMetrics | None = None
@@ -307,12 +313,7 @@ class SplitVerifySession:
         self.ids.extend(tokens)
         self.committed += len(tokens)
         self.v.metrics.tokens.inc(len(tokens))
-        valid = min(start, len(self.cached))
-        for cached_tok, tok in zip(self.cached[start:], tokens):
-            if cached_tok != tok:
-                break
-            valid += 1
-        self._crop_to(valid)
+        self._crop_to(still_valid(self.cached, start, tokens))
 
     def _crop_to(self, length: int) -> None:
         if len(self.cached) > length:

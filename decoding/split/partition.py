@@ -252,23 +252,19 @@ def crop_cache(cache: DynamicCache | None, length: int) -> None:
         cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
 
 
-class BodyModel(nn.Module):
-    """The worker's part: decoder layers [a, b), nothing else."""
+class _ModelSlice(nn.Module):
+    """What both sides of a split know of the model: its config, the split point, its fingerprint."""
 
-    def __init__(
-        self, path: str | Path, a: int, b: int | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
-    ):
+    def __init__(self, path: str | Path, a: int, b: int | None, dtype: torch.dtype, device: str):
         super().__init__()
         self.path = check_model_dir(path)
         self.config = load_config(self.path)
         self.num_layers = int(self.config.num_hidden_layers)
-        a, b = resolve_layers(a, b, self.num_layers)
-        self.a, self.b = a, b
+        self.a, self.b = resolve_layers(a, b, self.num_layers)
         self.hidden_size = int(self.config.hidden_size)
         self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
         self.fingerprint = model_fingerprint(self.path)
         self.reader = CheckpointReader(self.path)
-        self.stack = LayerStack(self.config, a, b, self.reader, dtype).to(device)
         self.dtype = dtype
         self.device = torch.device(device)
 
@@ -277,6 +273,16 @@ class BodyModel(nn.Module):
         """The checkpoint tensors this process read."""
         return list(self.reader.read_keys)
 
+
+class BodyModel(_ModelSlice):
+    """The worker's part: decoder layers [a, b), nothing else."""
+
+    def __init__(
+        self, path: str | Path, a: int, b: int | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ):
+        super().__init__(path, a, b, dtype, device)
+        self.stack = LayerStack(self.config, self.a, self.b, self.reader, dtype).to(device)
+
     def new_cache(self) -> DynamicCache:
         return self.stack.new_cache()
 
@@ -284,23 +290,16 @@ class BodyModel(nn.Module):
         return self.stack(hidden, cache, position)
 
 
-class EdgeModel(nn.Module):
+class EdgeModel(_ModelSlice):
     """The edge's part: embeddings, layers [0, a), layers [b, L), final norm and LM head."""
 
     def __init__(
         self, path: str | Path, a: int, b: int | None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
     ):
-        super().__init__()
-        self.path = check_model_dir(path)
-        self.config = load_config(self.path)
-        self.num_layers = int(self.config.num_hidden_layers)
-        a, b = resolve_layers(a, b, self.num_layers)
-        self.a, self.b = a, b
-        self.hidden_size = int(self.config.hidden_size)
+        super().__init__(path, a, b, dtype, device)
+        a, b = self.a, self.b
         self.vocab_size = int(self.config.vocab_size)
-        self.max_context = int(getattr(self.config, "max_position_embeddings", 2048))
-        self.fingerprint = model_fingerprint(self.path)
-        reader = self.reader = CheckpointReader(self.path)
+        reader = self.reader
         _, _, norm_cls = _family_classes(self.config)
 
         embed = reader.read(["model.embed_tokens.weight"], dtype)["model.embed_tokens.weight"]
@@ -319,12 +318,6 @@ class EdgeModel(nn.Module):
         self.lm_head = nn.Linear(self.hidden_size, lm_weight.shape[0], bias=False)
         self.lm_head.weight = nn.Parameter(lm_weight, requires_grad=False)
         self.to(dtype).to(device).eval()
-        self.dtype = dtype
-        self.device = torch.device(device)
-
-    @property
-    def loaded_keys(self) -> list[str]:
-        return list(self.reader.read_keys)
 
     @torch.inference_mode()
     def run_head(self, token_ids: list[int] | torch.Tensor, cache: DynamicCache | None, position: int) -> torch.Tensor:

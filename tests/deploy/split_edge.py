@@ -2,8 +2,8 @@
 
     python -m tests.deploy.split_edge --metrics-port P --pause S     (then a line on stdin starts the traffic)
 
-The gateway does not route requests to a split worker yet, so this process
-stands in for the edge side: it builds the edge exactly as the settings
+It stands in for the gateway's split path, because the faults the dashboard's
+split panels show must happen on cue: it builds the edge exactly as the settings
 describe it (``SplitVerifier.from_settings``, TANDEM_SPLIT_* variables), runs
 greedy speculative generations through the real router against the live
 ``tandem split-worker``, pauses once mid-generation for longer than the

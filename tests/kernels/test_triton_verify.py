@@ -617,6 +617,12 @@ def test_touched_nan_check_reports_nan_it_reads():
         tv.verify_drafts_triton(b.draft_tokens, b.draft_lens, nan_unread, b.q)
     with pytest.raises(ValueError, match="nan_check"):
         tv.verify_drafts_triton(*b.args(), nan_check="some")
+    # The public entry point passes the choice through to the kernels.
+    kernels.verify_drafts(b.draft_tokens, b.draft_lens, nan_unread, b.q, backend="triton", nan_check="touched")
+    with pytest.raises(ValueError, match="target_probs contains NaN"):
+        kernels.verify_drafts(b.draft_tokens, b.draft_lens, nan_unread, b.q, backend="triton")
+    with pytest.raises(ValueError, match="nan_check"):
+        kernels.verify_drafts(*b.args(), nan_check="some")
 
 
 def test_public_entry_point_dispatch(monkeypatch):
