@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter, classic_speedup
 from decoding.verifiers import HFVerifier
+from loadtests.load import write_json
 
 
 class ForwardTimer:
@@ -217,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(main_async(args))
     print_report(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(result, args.json)
     return 0
 
 

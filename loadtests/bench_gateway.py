@@ -47,6 +47,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from loadtests.load import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -446,9 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result = asyncio.run(bench(args))
         print_bench(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    write_json(result, args.json)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import subprocess
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client import REGISTRY
+
+from loadtests.load import write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -263,9 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     text = format_report(report)
     print()
     print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({**report, "table": text}, indent=2) + "\n")
+    write_json({**report, "table": text}, args.json)
     return 0
 
 

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.load import write_json
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
@@ -499,9 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report = run(args)
     print(format_report(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    write_json(report, args.json)
     return 0
 
 

@@ -938,11 +938,12 @@ def _config(args: argparse.Namespace) -> RunConfig:
     )
 
 
-def _write_json(res: dict[str, Any], path: str | None) -> None:
+def write_json(res: dict[str, Any], path: str | None) -> None:
+    """Write a run's or benchmark's results to ``path`` (nothing when None), creating its folder."""
     if path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(res, indent=1))
+        p.write_text(json.dumps(res, indent=2) + "\n")
         print(f"wrote {p}", file=sys.stderr)
 
 
@@ -995,13 +996,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m loadtests") -> in
         levels = [int(x) for x in args.concurrency.split(",") if x]
         res = sweep(cfg, levels, args.prompts_per_level, args.level_duration)
         print(format_sweep(res))
-        _write_json(res, args.json)
+        write_json(res, args.json)
         if args.plot:
             print(f"wrote {plot_sweep(res, args.plot)}", file=sys.stderr)
         return 0
     res = run(cfg)
     print(format_table(res))
-    _write_json(res, args.json)
+    write_json(res, args.json)
     if args.plot:
         print(f"wrote {plot_run(res, args.plot)}", file=sys.stderr)
     return 1 if args.fail_on_error and res["failed"] else 0
