@@ -42,10 +42,10 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
         full = self._decode(self.ids[self._prefix_offset :])
         if full.endswith("\ufffd"):
             return self._release(final=False)  # an unfinished multi-byte character
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
         search_from = max(0, len(self.text) - self._holdback)
         self.text += full[len(prefix) :]
         self._read_offset = len(self.ids)

@@ -14,11 +14,13 @@ import torch
 
 
 class InvalidRequestError(ValueError):
-    """A request parameter is invalid. ``param`` names it (OpenAI's error ``param``)."""
+    """A request parameter is invalid. ``param`` names it (OpenAI's error ``param``);
+    ``code`` is OpenAI's error code where one applies (``context_length_exceeded``)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.param = param
+        self.code = code
 
 
 @dataclass(frozen=True)

@@ -177,13 +177,9 @@ class AcceptanceTracker:
         self.accepted = self.decay * self.accepted + num_accepted
         self.rejected = self.decay * self.rejected + (1.0 if num_accepted < k else 0.0)
         a = min(self.alpha, 0.999)
-        c = self.cost_ratio
-
-        def speedup(n: int) -> float:
-            return (1 - a ** (n + 1)) / ((1 - a) * (n * c + 1))
-
         lo, hi = self.options.min_draft_tokens, self.options.max_draft_tokens
-        self.k = max(range(lo, hi + 1), key=lambda n: (round(speedup(n), 9), -n))
+        # Ties (to 9 digits) go to the shorter draft.
+        self.k = max(range(lo, hi + 1), key=lambda n: (round(classic_speedup(a, n, self.cost_ratio), 9), -n))
         return self.k
 
 
@@ -235,13 +231,14 @@ class SpeculativeRouter:
             raise InvalidRequestError(
                 f"prompt is {len(prompt_ids)} tokens; this model's maximum context length is {limit} tokens",
                 "prompt",
-                # The gateway maps this to 400 with code "context_length_exceeded".
+                code="context_length_exceeded",
             )
         if len(prompt_ids) + params.max_tokens > limit:
             raise InvalidRequestError(
                 f"this model's maximum context length is {limit} tokens, but {len(prompt_ids)} prompt tokens "
                 f"+ max_tokens {params.max_tokens} exceed it",
                 "max_tokens",
+                code="context_length_exceeded",
             )
         if options.mode != "verifier-only" and self.drafter is None:
             raise InvalidRequestError(f"mode {options.mode!r} needs a drafter and none is configured", "tandem.mode")
@@ -280,7 +277,7 @@ class SpeculativeRouter:
         verify = draft = None
         tracker = AcceptanceTracker(options, self.drafter.cost_ratio if self.drafter else 0.0)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
-        limit = min(params.max_tokens, self.verifier.max_context - len(prompt_ids))
+        limit = params.max_tokens  # check_request: prompt + max_tokens fit the context
         try:
             if mode != "drafter-only":
                 try:
@@ -370,7 +367,7 @@ class SpeculativeRouter:
     ) -> tuple[list[int], int]:
         """Run the verification maths on one row. logits: [k+1, V] -> (tokens, accepted)."""
         k = len(proposal.tokens)
-        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long).reshape(1, k)
+        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long)
         lens = torch.tensor([k], dtype=torch.long)
         if params.greedy:
             target, q = logits[None], None

@@ -505,23 +505,17 @@ class VLLMVerifier:
                     raise
                 except VerifierUnavailableError as exc:
                     last_error = str(exc)
-                    attempt += 1
-                    if attempt <= self.retries:
-                        self.stats.retries += 1
-                        await asyncio.sleep(self._backoff(attempt - 1))
+                    attempt = await self._back_off(attempt)
                 continue
             except _Retryable as exc:
                 last_error = str(exc)
-                attempt += 1
-                if attempt <= self.retries:
-                    self.stats.retries += 1
-                    await asyncio.sleep(self._backoff(attempt - 1))
+                attempt = await self._back_off(attempt)
                 continue
             except VerifierUnavailableError:
                 self.stats.failures += 1
                 raise
-            logits, tail, cached, recomputed, engine_s = parsed
-            session._committed(body, parsed_salt=session._salt_from(data))
+            logits, tail, cached, recomputed, engine_s, salt = parsed
+            session._committed(body, salt)
             latency = time.perf_counter() - t0
             report = RoundReport(
                 k=len(draft),
@@ -560,6 +554,14 @@ class VLLMVerifier:
             except Exception:  # a metrics hook must not fail a generation
                 logger.exception("on_round callback failed")
 
+    async def _back_off(self, attempt: int) -> int:
+        """Count a failed attempt; sleep before the next one if retries remain. Returns the new count."""
+        attempt += 1
+        if attempt <= self.retries:
+            self.stats.retries += 1
+            await asyncio.sleep(self._backoff(attempt - 1))
+        return attempt
+
     def _parse(self, session: VLLMVerifySession, draft: list[int], response: httpx.Response, data: bytes):
         status = response.status_code
         if status == 409 and self.api == "tandem" and _error_code(data) == "unknown_session":
@@ -580,8 +582,8 @@ class VLLMVerifier:
             self.stats.invalid_responses += 1
             logger.warning("verifier %s: invalid verify response (%s)", self.url, exc)
             raise _Retryable(f"invalid response: {exc}") from None
-        top_ids, top_lps, draft_lps, cached, recomputed, engine_s = rows
-        return (*self._to_logits(draft, top_ids, top_lps, draft_lps), cached, recomputed, engine_s)
+        top_ids, top_lps, draft_lps, cached, recomputed, engine_s, salt = rows
+        return (*self._to_logits(draft, top_ids, top_lps, draft_lps), cached, recomputed, engine_s, salt)
 
     def _check_row(self, ids: Any, lps: Any, what: str) -> None:
         K, V = self.top_logprobs, self.vocab_size
@@ -634,7 +636,7 @@ class VLLMVerifier:
                     raise ValueError(f"row {i}: draft logprob disagrees with its top-K entry")
         engine_s = body.get("engine_s")
         engine_s = float(engine_s) if _is_num(engine_s) else None
-        return top_ids, top_lps, draft_lps, cached, body["recomputed"], engine_s
+        return top_ids, top_lps, draft_lps, cached, body["recomputed"], engine_s, salt
 
     def _rows_stock(self, session: VLLMVerifySession, draft: list[int], body: Any):
         k, n = len(draft), len(session.ids)
@@ -680,7 +682,7 @@ class VLLMVerifier:
         self._check_row(ids, lps, f"row {k}")
         top_ids.append(ids)
         top_lps.append(lps)
-        return top_ids, top_lps, draft_lps, None, False, None
+        return top_ids, top_lps, draft_lps, None, False, None, None
 
     def _to_logits(self, draft: list[int], top_ids, top_lps, draft_lps) -> tuple[torch.Tensor, float]:
         k = len(draft)
@@ -737,19 +739,10 @@ class VLLMVerifySession:
             body["prompt_logprobs"] = v.top_logprobs
         return body
 
-    def _salt_from(self, data: bytes) -> str | None:
-        if self.verifier.api != "tandem":
-            return None
-        try:
-            salt = json.loads(data).get("cache_salt")
-        except ValueError:
-            return None
-        return salt if isinstance(salt, str) else None
-
-    def _committed(self, body: dict, parsed_salt: str | None) -> None:
+    def _committed(self, body: dict, salt: str | None) -> None:
         if self.verifier.api == "tandem":
             self._sent = body["base"] + len(body["append"])
-            self._salt = parsed_salt
+            self._salt = salt
 
     def _reset(self) -> None:
         self._sent = 0

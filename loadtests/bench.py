@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import re
@@ -350,15 +351,8 @@ def _param_count(model_dir) -> int:
     n = 0
     with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
         for k in f.keys():
-            n += f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel") else _prod(f.get_slice(k).get_shape())
+            n += math.prod(f.get_slice(k).get_shape())
     return n
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= x
-    return p
 
 
 # -- (4), (5): vLLM ----------------------------------------------------------------------------

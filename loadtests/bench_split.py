@@ -158,9 +158,6 @@ async def run(args) -> dict:
     plain = SpecOptions(mode="verifier-only")
     spec = SpecOptions(mode="speculative", num_draft_tokens=args.k, max_draft_tokens=max(8, args.k),
                        adaptive=not args.fixed_k)
-    if args.fixed_k:
-        spec = SpecOptions(mode="speculative", num_draft_tokens=args.k, min_draft_tokens=args.k,
-                           max_draft_tokens=args.k, adaptive=False)
 
     vlm, dlm = CausalLM(verifier_dir), CausalLM(drafter_dir)
     ratio = args.draft_cost_ratio if args.draft_cost_ratio is not None else dlm.num_parameters / vlm.num_parameters

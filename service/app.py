@@ -259,8 +259,8 @@ class Job:
 
     async def admit(self) -> None:
         t0 = time.perf_counter()
-        weight = min(len(self.choices), self.gw.admission.capacity)
-        self._admit = asyncio.ensure_future(self.gw.admission.acquire(weight))
+        # acquire() caps the weight at the capacity: n > slots runs on every slot.
+        self._admit = asyncio.ensure_future(self.gw.admission.acquire(len(self.choices)))
         remaining = self.deadline - asyncio.get_running_loop().time()
         done, _ = await asyncio.wait({self._admit}, timeout=max(0.0, remaining))
         if not done:

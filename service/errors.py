@@ -69,17 +69,13 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code, reason="invalid")
 
 
-def is_context_error(exc: InvalidRequestError) -> bool:
-    return "context length" in str(exc) or "prompt_tokens" in str(exc)
-
-
 def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
     """Map any exception to the OpenAI error the client should see."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, InvalidRequestError):
-        if is_context_error(exc):
-            return APIError(400, str(exc), param=exc.param, code="context_length_exceeded", reason="context_length")
+        if exc.code == "context_length_exceeded":
+            return APIError(400, str(exc), param=exc.param, code=exc.code, reason="context_length")
         return bad_request(str(exc), exc.param)
     if isinstance(exc, QueueFullError):
         return APIError(

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACCESS_LOGGER = "tandem.access"
-_STANDARD_ATTRS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
 class JSONFormatter(logging.Formatter):

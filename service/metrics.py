@@ -36,15 +36,13 @@ VERIFY_ROUND_BUCKETS = (0.001, 0.0025, 0.005, *ITL_BUCKETS)
 ACCEPTED_PER_ROUND_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-FINISHED_REASONS = ("stop", "length", "abort", "error")
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, process_metrics: bool = True):
-        self.registry = registry = registry if registry is not None else CollectorRegistry()
-        if process_metrics:
-            # process_resident_memory_bytes & co.: what a soak test watches.
-            ProcessCollector(registry=registry)
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        # process_resident_memory_bytes & co.: what a soak test watches.
+        ProcessCollector(registry=registry)
 
         # -- requests ------------------------------------------------------------
         self.requests = Counter(

@@ -28,9 +28,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from decoding.speculative import MAX_DRAFT_TOKENS
 from service.errors import APIError, bad_request
 
-MAX_DRAFT = 32
 MAX_CHOICES = 128
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
@@ -73,9 +73,9 @@ class TandemOptions(BaseModel):
         description="speculative (default), verifier-only (the verifier alone), drafter-only, or split: the "
         "verifier runs split between the edge and the split worker, so no token leaves the edge",
     )
-    num_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT, description="Draft length k of the first round.")
-    min_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT, description="Lower bound of the adaptive k.")
-    max_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT, description="Upper bound of the adaptive k.")
+    num_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS, description="Draft length k of the first round.")
+    min_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS, description="Lower bound of the adaptive k.")
+    max_draft_tokens: int | None = Field(None, ge=1, le=MAX_DRAFT_TOKENS, description="Upper bound of the adaptive k.")
     adaptive: bool | None = Field(None, description="Adapt k to the acceptance (default: the server's setting).")
 
 

@@ -260,9 +260,6 @@ class SplitVerifySession:
         self.forward_passes = 0
         self.rounds = 0
         self.replays = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-        self.committed = 0
         self._opened = False
         verifier.metrics.sessions.inc()
         self._closed = False
@@ -311,7 +308,6 @@ class SplitVerifySession:
         the worker's with the next step's ``start``)."""
         start = len(self.ids)
         self.ids.extend(tokens)
-        self.committed += len(tokens)
         self.v.metrics.tokens.inc(len(tokens))
         self._crop_to(still_valid(self.cached, start, tokens))
 
@@ -350,8 +346,6 @@ class SplitVerifySession:
             elapsed = time.perf_counter() - t0
             m.uplink_bytes.inc(len(frame))
             m.downlink_bytes.inc(len(resp.content))
-            self.bytes_up += len(frame)
-            self.bytes_down += len(resp.content)
             if resp.status_code == 200:
                 m.round_seconds.observe(elapsed)
                 m.rounds.inc()
