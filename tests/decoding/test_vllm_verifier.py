@@ -410,7 +410,7 @@ def test_garbage_or_hanging_server_fails_cleanly_and_accepts_nothing(mode, vllm_
         t0 = time.perf_counter()
         with pytest.raises(VerifierUnavailableError, match="failed a verify round after 3 attempt"):
             asyncio.run(run())
-        assert time.perf_counter() - t0 < 3 * 0.5 + 1.0  # bounded: it never hangs
+        assert time.perf_counter() - t0 < 3 * 0.5 + 3.0  # bounded (3 timeouts + backoff + slack): it never hangs
         assert fake.calls == 3 and v.stats.retries == 2 and v.stats.failures == 1 and v.stats.rounds == 0
         assert v.stats.invalid_responses == (3 if mode in ("nan", "out_of_range", "positive", "rows", "not_json") else 0)
 

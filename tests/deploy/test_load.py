@@ -112,6 +112,7 @@ def test_smoke_run_through_tandem_load(stack, tmp_path):
     assert res["spec_decode"]["tandem_generation_tokens"] == {"speculative": 6 * 12}
     assert spec["num_draft_tokens"] > 0 and 0 < spec["acceptance_rate"] <= 1
     assert spec["mean_acceptance_length"] == pytest.approx(1 + spec["num_accepted_tokens"] / spec["num_drafts"])
+    assert len(res["requests"]) == 6
     for rec in res["requests"]:
         assert rec["status"] == "200" and rec["output_tokens"] == 12
         # ITL is per chunk: a speculative chunk carries a whole round, so there are fewer gaps than tokens.

@@ -243,9 +243,7 @@ def verifier_down_server(_spawned) -> Iterator[ServerProcess]:
 
 @pytest.fixture
 def drain_server(_spawned) -> ServerProcess:
-    s, ready_path = _spawned["drain_server"]
-    wait_until_up(s, ready_path)
-    return s  # the test stops it
+    return next(_serve(_spawned, "drain_server"))  # the test stops it
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ def test_torch_threads_setting_applies_to_the_process(tiny_verifier_dir, tiny_dr
         pair = dict(verifier=str(tiny_verifier_dir), drafter=str(tiny_drafter_dir))
         asyncio.run(build_backends(TandemSettings.load(**pair, torch_threads=1)).aclose())
         assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
         asyncio.run(build_backends(TandemSettings.load(**pair)).aclose())
-        assert torch.get_num_threads() == 1  # unset: torch's own setting is left alone
+        assert torch.get_num_threads() == 2  # unset: torch's own setting is left alone
     finally:
         torch.set_num_threads(before)
 

@@ -137,8 +137,6 @@ def tiny_workers(tiny_verifier_dir) -> dict[str, WorkerProcess]:
 
 @pytest.fixture(scope="session")
 def demo_worker(start_worker):
-    if not (DEMO_VERIFIER / "config.json").is_file():
-        pytest.skip("the demo pair (models/demo/) is not present")
     from decoding.split.partition import load_config
 
     L = load_config(DEMO_VERIFIER).num_hidden_layers

@@ -142,7 +142,6 @@ def test_route_policy():
 DEMO = __import__("pathlib").Path(__file__).resolve().parents[3] / "models" / "demo" / "verifier"
 
 
-@pytest.mark.skipif(not (DEMO / "config.json").is_file(), reason="the demo pair (models/demo/) is not present")
 def test_demo_split_points_match_unsplit():
     from decoding.causal_lm import CausalLM
 
