@@ -255,7 +255,8 @@ class SplitVerifySession:
         self.head_cache = self.edge.head.new_cache()
         self.tail_cache = self.edge.tail.new_cache()
         # The uplink rows sent for the cached tokens, exactly as sent: what a replay re-sends.
-        self.uplink = torch.empty(0, self.edge.hidden_size, dtype=verifier.wire_dtype)
+        # A buffer that doubles when full, so a round appends its rows without copying the context.
+        self._uplink = torch.empty(64, self.edge.hidden_size, dtype=verifier.wire_dtype, device=self.edge.device)
         self.digests: list[bytes] = []  # the keyed prefix digest of each cached position (noise seeds)
         self.forward_passes = 0
         self.rounds = 0
@@ -263,6 +264,19 @@ class SplitVerifySession:
         self._opened = False
         verifier.metrics.sessions.inc()
         self._closed = False
+
+    @property
+    def uplink(self) -> torch.Tensor:
+        """[len(cached), H] in the wire dtype: the rows sent for the cached tokens."""
+        return self._uplink[: len(self.cached)]
+
+    def _keep_uplink(self, start: int, up: torch.Tensor) -> None:
+        end = start + up.shape[0]
+        if end > self._uplink.shape[0]:
+            grown = self._uplink.new_empty(max(end, 2 * self._uplink.shape[0]), self._uplink.shape[1])
+            grown[:start] = self._uplink[:start]
+            self._uplink = grown
+        self._uplink[start:end] = up
 
     def pending(self) -> list[int]:
         """Committed tokens the caches lack; at least the last one (to get the next distribution)."""
@@ -293,8 +307,8 @@ class SplitVerifySession:
             crop_cache(self.head_cache, start)
             crop_cache(self.tail_cache, start)
             raise
+        self._keep_uplink(start, up)
         self.cached.extend(feed)
-        self.uplink = torch.cat([self.uplink[:start], up])
         if digests:
             self.digests = self.digests[:start] + digests
         self.forward_passes += 1
@@ -316,7 +330,6 @@ class SplitVerifySession:
             crop_cache(self.head_cache, length)
             crop_cache(self.tail_cache, length)
             del self.cached[length:]
-            self.uplink = self.uplink[:length]
             del self.digests[length:]
 
     async def _step(self, up: torch.Tensor, start: int) -> torch.Tensor:
@@ -360,7 +373,7 @@ class SplitVerifySession:
                 self.replays += 1
                 m.replays.labels(code or "conflict").inc()
                 m.replayed_tokens.inc(start)
-                frame = wire.encode({**base, "start": 0, "return_from": start}, torch.cat([self.uplink[:start], up]))
+                frame = wire.encode({**base, "start": 0, "return_from": start}, torch.cat([self.uplink, up]))
                 continue
             if resp.status_code >= 500 and time.monotonic() + delay <= deadline:
                 last_error = f"HTTP {resp.status_code}: {message}"

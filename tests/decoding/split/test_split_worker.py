@@ -362,3 +362,34 @@ def test_split_aware_drafter_measures_its_cost_ratio(edges, tiny_workers, tokeni
     aware = asyncio.run(run())
     assert aware.step_seconds > 0 and aware.verifier.score_seconds > 0
     assert aware.cost_ratio == aware.step_seconds / aware.verifier.score_seconds != 0.5
+
+
+def test_a_context_past_the_uplink_buffer_replays_exactly(tiny_workers, edges, tokenizer):
+    """The edge keeps the sent uplink in a buffer that grows (64 rows first); a replay after it has
+    grown re-sends every row exactly, so the tokens equal an uninterrupted run."""
+    worker = tiny_workers["1:3"]
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    prompt = tokenizer.encode(PROMPTS[2])
+
+    async def run(kill_at: int | None) -> list[int]:
+        verifier = split_verifier(edges["1:3"], worker, reconnect_s=120)
+        router = SpeculativeRouter(verifier, None, tokenizer)
+        tokens: list[int] = []
+        try:
+            async for chunk in router.stream(prompt, params, PLAIN):
+                tokens += chunk.token_ids
+                if len(tokens) == kill_at:
+                    worker.kill()
+                    worker.spawn()
+        finally:
+            await verifier.aclose()
+        return tokens
+
+    try:
+        uninterrupted = asyncio.run(run(None))
+        assert len(prompt) + 90 > 64  # the buffer has grown by the time of the replay
+        replays_before = metric("tandem_split_replays_total", reason="unknown_session")
+        assert asyncio.run(run(90)) == uninterrupted
+        assert metric("tandem_split_replays_total", reason="unknown_session") == replays_before + 1
+    finally:
+        worker.wait_ready()
