@@ -152,12 +152,13 @@ def test_sigterm_drains_in_flight_streams_then_exits_0(drain_server):
     t_term = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
 
-    # the listening socket closes at once: new connections are refused
+    # the listening socket closes at once: new connections are refused (or, when one raced into the
+    # backlog just before the close, reset), never served
     def refused() -> bool:
         try:
             httpx.get(s.base_url + "/health", timeout=1)
             return False
-        except httpx.ConnectError:
+        except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
             return True
 
     wait_for(refused, timeout=5)
