@@ -30,7 +30,7 @@ def tiny_pair(out: Path, seed: int = 0) -> tuple[Path, Path]:
     """Build the tiny random pair into ``out`` once; later calls reuse it."""
     verifier, drafter = out / "verifier", out / "drafter"
     if not (verifier / "config.json").is_file() or not (drafter / "config.json").is_file():
-        from decoding.tiny_models import build_tiny_pair
+        from decoding.offline.tiny_models import build_tiny_pair
 
         out.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename, so a concurrent reader never sees half a model.

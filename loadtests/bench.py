@@ -129,12 +129,12 @@ def summarize(reqs: list[Request], reference: list[list[int]] | None, greedy: bo
 
 def load_prompts(verifier_dir: Path, n: int, prompt_tokens: int, min_continuation: int, seed: int) -> tuple[list, list]:
     from decoding.causal_lm import load_tokenizer
-    from decoding.training import heldout_prompts, split_corpus
+    from decoding.offline.training import heldout_prompts, split_corpus
 
     build = json.loads((verifier_dir / "build.json").read_text()) if (verifier_dir / "build.json").is_file() else None
     tokenizer = load_tokenizer(verifier_dir)
     if build is not None:
-        from decoding.tiny_models import stdlib_files
+        from decoding.offline.tiny_models import stdlib_files
 
         names = set(build["corpus"]["heldout_files"])
         files = [f for f in stdlib_files() if f.name in names]
@@ -318,7 +318,7 @@ def run_tandem_vllm(args, prompts, greedy: bool, port: int, rtt_ms: float) -> li
     from decoding.causal_lm import CausalLM, load_tokenizer
     from decoding.drafters import HFDrafter
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.vllm_verifier import VLLMVerifier
+    from decoding.backends.vllm_client import VLLMVerifier
     from loadtests.delay_proxy import DelayProxy
 
     tokenizer = load_tokenizer(args.drafter)
@@ -394,7 +394,7 @@ def start_vllm(args, port: int, spec: bool, log: Path) -> subprocess.Popen:
         cfg = {"model": str(args.drafter), "num_speculative_tokens": args.vllm_spec_tokens}
         cmd = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", *common, "--speculative-config", json.dumps(cfg)]
     else:  # vLLM's OpenAI server plus tandem's verify route: serves (4) and (6)
-        cmd = [args.vllm_python, "-m", "decoding.vllm_route", *common]
+        cmd = [args.vllm_python, "-m", "service.vllm.route", *common]
     print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + args.vllm_start_timeout
@@ -623,7 +623,7 @@ def main(argv=None) -> int:
         "rows": [],
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    from decoding.training import forward_cost
+    from decoding.offline.training import forward_cost
 
     # The drafter/verifier cost ratio on this machine, now (batch 1, KV-cached, interleaved).
     result["forward_cost"] = forward_cost(args.verifier, args.drafter, passes=200)

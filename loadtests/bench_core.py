@@ -59,7 +59,7 @@ class ForwardTimer:
 
 def bench_prompts(tokenizer, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     """Held-out prompts of the demo corpus (never trained on)."""
-    from decoding.training import heldout_prompts, split_corpus
+    from decoding.offline.training import heldout_prompts, split_corpus
 
     corpus = split_corpus(seed)
     return heldout_prompts(tokenizer, corpus.heldout_files, n, prompt_tokens, seed=seed)

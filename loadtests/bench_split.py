@@ -67,7 +67,7 @@ def pick_models(args) -> tuple[Path, Path, str]:
 
 def prompts_for(verifier: Path, tokenizer, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
     """Prompts starting at line starts of held-out stdlib files (the demo's held-out files when recorded)."""
-    from decoding.split.audit import corpus_files
+    from decoding.offline.split_audit import corpus_files
 
     _, held, _ = corpus_files(verifier)
     rng = random.Random(seed)
@@ -142,8 +142,8 @@ async def run(args) -> dict:
     from decoding.drafters import HFDrafter
     from decoding.sampling import SamplingParams
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.split.edge import SplitAwareDrafter, SplitVerifier
-    from decoding.split.partition import EdgeModel, load_config, parse_layers
+    from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+    from decoding.partition import EdgeModel, load_config, parse_layers
     from decoding.verifiers import HFVerifier
     from loadtests.delay_proxy import DelayProxy
 

@@ -57,7 +57,7 @@ def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_nois
                deep_scale: float = 0.1) -> tuple[Path, Path]:
     """(verifier_dir, drafter_dir): tiny Llamas that vLLM's CPU backend can serve.
 
-    vLLM's CPU attention needs head_dim >= 32 (``decoding.tiny_models``'
+    vLLM's CPU attention needs head_dim >= 32 (``decoding.offline.tiny_models``'
     default pair has 16), so the verifier is 4 layers of width 128 with 4
     heads. The drafter is the verifier's first layer (same embeddings, norm
     and head) with noise on its output head: it agrees with the verifier
@@ -68,7 +68,7 @@ def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_nois
     import torch
     from transformers import LlamaForCausalLM
 
-    from decoding.tiny_models import TinySpec, build_model, stdlib_files, train_bpe_tokenizer
+    from decoding.offline.tiny_models import TinySpec, build_model, stdlib_files, train_bpe_tokenizer
 
     out = Path(out)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(limit=40)]
@@ -98,7 +98,7 @@ def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_nois
 
 def sample_text() -> str:
     """Deterministic local text for prompts (standard-library sources)."""
-    from decoding.tiny_models import stdlib_files
+    from decoding.offline.tiny_models import stdlib_files
 
     return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[40:80])
 
@@ -148,7 +148,7 @@ class VLLMServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
-        module = "decoding.vllm_route" if self.tandem else "vllm.entrypoints.openai.api_server"
+        module = "service.vllm.route" if self.tandem else "vllm.entrypoints.openai.api_server"
         args = [str(self.python), "-m", module, "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port)]
         if not self.tandem:  # the launcher adds these itself
             args += ["--enable-prefix-caching", "--gpu-memory-utilization", "0.3", "--dtype", "float32"]
@@ -265,7 +265,7 @@ async def verify_rounds(url: str, tokenizer, prompt: list[int], *, api: str, rou
     """Rounds of k random drafts; the context grows by one greedy token per round."""
     import torch
 
-    from decoding.vllm_verifier import VLLMVerifier
+    from decoding.backends.vllm_client import VLLMVerifier
 
     verifier = VLLMVerifier(url, tokenizer, api=api, timeout_s=120.0)
     reports = []
@@ -303,7 +303,7 @@ async def router_tokens_per_s(url: str, tokenizer, drafter_dir: Path, prompt: li
     from decoding.drafters import HFDrafter
     from decoding.sampling import SamplingParams
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.vllm_verifier import VLLMVerifier
+    from decoding.backends.vllm_client import VLLMVerifier
 
     verifier = VLLMVerifier(url, tokenizer, timeout_s=120.0)
     await verifier.connect()

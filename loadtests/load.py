@@ -164,7 +164,7 @@ class Prompt:
 
 
 def heldout_files(seed: int = 0, heldout_fraction: float = 0.1) -> list[Path]:
-    """The demo pair's held-out files (never trained on), chosen exactly as ``decoding.training.split_corpus``
+    """The demo pair's held-out files (never trained on), chosen exactly as ``decoding.offline.training.split_corpus``
     chooses them (this interpreter's stdlib ``.py`` files, seeded shuffle), without importing torch.
     tests/deploy checks that the two agree."""
     import sysconfig

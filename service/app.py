@@ -42,7 +42,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from decoding.sampling import InvalidRequestError, SamplingParams
 from decoding.speculative import Chunk, GenerationStats, SpecOptions, SpeculativeRouter
-from decoding.split import route as split_route
+from service.plan import route as split_route
 from decoding.verifiers import VerifierUnavailableError
 from service.admission import Admission, RequestTimeoutError, ShuttingDownError, Slot
 from service.backends import Backends, build_backends, spec_options
@@ -766,7 +766,7 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
         if gw.backends is None:
             gw.backends = await asyncio.to_thread(build_backends, settings)
         if gw.backends.split_router is not None:
-            from decoding.split.edge import edge_metrics
+            from decoding.backends.split_edge import edge_metrics
 
             edge_metrics().register(gw.metrics.registry)  # tandem_split_*: bytes, rounds, replays, failures
         log.info(

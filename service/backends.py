@@ -56,7 +56,7 @@ def build_backends(settings: TandemSettings) -> Backends:
 
     verifier: Verifier
     if settings.remote_verifier:
-        from decoding.vllm_verifier import VLLMVerifier  # the remote backend is optional
+        from decoding.backends.vllm_client import VLLMVerifier  # the remote backend is optional
 
         tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
         verifier = VLLMVerifier.from_settings(settings, tokenizer)
@@ -89,7 +89,7 @@ def build_backends(settings: TandemSettings) -> Backends:
     )
     split_router = None
     if settings.split_worker_url:
-        from decoding.split.edge import SplitAwareDrafter, SplitVerifier
+        from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
 
         split_verifier = SplitVerifier.from_settings(settings, tokenizer)
         # A split verification is a network round trip, so the drafter's cost relative to it is

@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_models_build_demo(args: argparse.Namespace) -> int:
-    from decoding.training import main_build_demo
+    from decoding.offline.training import main_build_demo
 
     return main_build_demo(args)
 
@@ -110,8 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_split_worker(args: argparse.Namespace) -> int:
     import torch
 
-    from decoding.split.partition import parse_layers
-    from decoding.split.worker import run_worker
+    from decoding.partition import parse_layers
+    from service.split_worker.app import run_worker
 
     settings = _settings(args, "device")
     if settings.torch_threads is not None:
@@ -133,7 +133,7 @@ def cmd_split_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_split_audit(args: argparse.Namespace) -> int:
-    from decoding.split.audit import main_audit
+    from decoding.offline.split_audit import main_audit
 
     return main_audit(args)
 
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["load"]:  # forwarded whole: the load generator has its own parser
         return cmd_load(argparse.Namespace(load_args=list(argv[1:])))
     if argv[:1] == ["verifier"]:  # forwarded whole: vLLM's own flags pass through unchanged
-        from decoding.vllm_route import main as verifier_main
+        from service.vllm.route import main as verifier_main
 
         return verifier_main(list(argv[1:]))
     args = parser.parse_args(argv)

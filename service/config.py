@@ -62,7 +62,7 @@ class TandemSettings(BaseSettings):
     verifier_top_logprobs: int = Field(20, ge=1, le=1024)
     verifier_api: Literal["tandem", "stock"] = "tandem"
 
-    # -- split inference (decoding/split, docs/split-inference.md) ----------------
+    # -- split inference (decoding/backends/split_edge.py, docs/split-inference.md) ----------------
     split_worker_url: str | None = Field(None, description="http(s)://host:port of the tandem split worker holding the body.")
     split_model: str | None = Field(None, description="Model directory split at split_layers; default: the local verifier.")
     split_layers: str = Field(

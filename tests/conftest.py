@@ -1,7 +1,7 @@
 """Shared, session-scoped fixtures: tiny models the suite builds itself.
 
 Nothing is downloaded: tokenizers are trained on local text, weights are random
-and seeded (see decoding/tiny_models.py).
+and seeded (see decoding/offline/tiny_models.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ if not torch.cuda.is_available():
     # (transformers included) imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from decoding.tiny_models import TinySpec, build_model, build_tiny_pair, train_bpe_tokenizer, word_tokenizer
+pytest_plugins = ["tests.support.split"]
+
+from decoding.offline.tiny_models import TinySpec, build_model, build_tiny_pair, train_bpe_tokenizer, word_tokenizer
 from loadtests.bench_vllm import VLLMServer, build_pair, vllm_python
 
 
@@ -86,7 +88,7 @@ def tiny_drafter_lm(tiny_drafter_dir):
 
 
 # -- a real vLLM server, one per test session (starting it takes about a minute) --------
-# Started through tandem's own launcher (``python -m decoding.vllm_route``, i.e.
+# Started through tandem's own launcher (``python -m service.vllm.route``, i.e.
 # ``tandem verifier``) from the vLLM venv (``TANDEM_VLLM_PYTHON``, default
 # ``.venv-vllm/bin/python``). Without it the tests that need it FAIL with
 # instructions: `make test` installs it, and no mock stands in for vLLM.

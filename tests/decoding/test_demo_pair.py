@@ -32,8 +32,8 @@ def test_greedy_speculative_matches_verifier_only_on_heldout_prompts():
     from decoding.drafters import HFDrafter
     from decoding.sampling import SamplingParams
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.tiny_models import stdlib_files
-    from decoding.training import heldout_prompts
+    from decoding.offline.tiny_models import stdlib_files
+    from decoding.offline.training import heldout_prompts
 
     build = json.loads((VERIFIER / "build.json").read_text())
     held = set(build["corpus"]["heldout_files"])

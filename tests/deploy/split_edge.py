@@ -29,7 +29,7 @@ from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
-from decoding.split.edge import SplitVerifier
+from decoding.backends.split_edge import SplitVerifier
 from decoding.verifiers import VerifierUnavailableError
 from service.config import TandemSettings
 

@@ -36,7 +36,7 @@ def delta(after: dict, before: dict, key: str) -> float:
 
 
 def test_heldout_prompts_come_from_the_demo_pairs_heldout_files():
-    from decoding.training import DemoRecipe, split_corpus
+    from decoding.offline.training import DemoRecipe, split_corpus
 
     recipe = DemoRecipe()
     assert load.heldout_files(0, recipe.heldout_fraction) == split_corpus(0, recipe.heldout_fraction, recipe.max_files).heldout_files

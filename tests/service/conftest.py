@@ -252,7 +252,7 @@ def short_context_pair(tmp_path_factory) -> tuple[Path, Path]:
     from dataclasses import replace
 
     from decoding.causal_lm import load_tokenizer
-    from decoding.tiny_models import TINY_DRAFTER, TINY_VERIFIER, build_model, build_tiny_pair
+    from decoding.offline.tiny_models import TINY_DRAFTER, TINY_VERIFIER, build_model, build_tiny_pair
 
     root = tmp_path_factory.mktemp("shortctx")
     verifier, _ = build_tiny_pair(root / "base", seed=3)

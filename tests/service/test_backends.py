@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from decoding.split.edge import SplitAwareDrafter, SplitVerifier
+from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
 from service.backends import build_backends
 from service.config import TandemSettings
 

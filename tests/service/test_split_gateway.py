@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.decoding.split.conftest import TOKEN, WorkerProcess
+from tests.support.split import TOKEN, WorkerProcess
 from tests.service.conftest import model_args, start_server, wait_until_up
 
 PROMPT = "def main():\n    return"

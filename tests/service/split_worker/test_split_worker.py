@@ -14,11 +14,11 @@ from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
-from decoding.split import wire
-from decoding.split.edge import SplitAwareDrafter, SplitVerifier
-from decoding.split.partition import EdgeModel, model_fingerprint
+from decoding import protocol as wire
+from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+from decoding.partition import EdgeModel, model_fingerprint
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
-from tests.decoding.split.conftest import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
+from tests.support.split import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
 
 PROMPTS = ["def main():", "import os\nimport sys\n", "class Foo(Bar):\n    def __init__(self", "x = [i * i for i in range("]
 PLAIN = SpecOptions(mode="verifier-only")

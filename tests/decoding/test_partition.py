@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding.split import wire
-from decoding.split.partition import (
+from decoding import protocol as wire
+from decoding.partition import (
     BodyModel,
     EdgeModel,
     SplitConfigError,
@@ -106,7 +106,7 @@ def test_wire_rejects_malformed_frames():
 def test_uplink_noise_is_a_function_of_the_prefix(tiny_verifier_dir):
     """Re-sending a position (replay, rollback, the same prompt again) shows the same noisy vector,
     never a fresh draw an observer could average away; another prefix gets independent noise."""
-    from decoding.split.edge import SplitVerifier
+    from decoding.backends.split_edge import SplitVerifier
 
     edge = EdgeModel(tiny_verifier_dir, 1, 2)
     v = SplitVerifier(edge, "http://127.0.0.1:9", noise_scale=0.5, noise_seed=3)
@@ -125,7 +125,7 @@ def test_uplink_noise_is_a_function_of_the_prefix(tiny_verifier_dir):
 
 
 def test_route_policy():
-    from decoding.split import route
+    from service.plan import route
     from service.config import TandemSettings
 
     by_request = TandemSettings.load()
@@ -139,7 +139,7 @@ def test_route_policy():
     assert route(always, "drafter-only") == (False, "drafter-only")
 
 
-DEMO = __import__("pathlib").Path(__file__).resolve().parents[3] / "models" / "demo" / "verifier"
+DEMO = __import__("pathlib").Path(__file__).resolve().parents[2] / "models" / "demo" / "verifier"
 
 
 def test_demo_split_points_match_unsplit():
@@ -158,7 +158,7 @@ def test_demo_split_points_match_unsplit():
 
 
 def test_layer_spec_forms(tiny_verifier_dir):
-    from decoding.split.partition import resolve_layers
+    from decoding.partition import resolve_layers
 
     assert parse_layers("1:") == (1, None) and resolve_layers(1, None, L) == (1, L)
     assert parse_layers("1:-1") == (1, -1) and resolve_layers(1, -1, L) == (1, L - 1)

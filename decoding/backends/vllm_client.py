@@ -9,7 +9,7 @@ verification positions; :meth:`VLLMVerifySession.score` turns them into a
 Two server APIs (``api=``):
 
 ``"tandem"`` (default) -- a vLLM started with ``tandem verifier``
-    (:mod:`decoding.vllm_route`): vLLM's OpenAI server plus ``/tandem/v1/*``
+    (:mod:`service.vllm.route`): vLLM's OpenAI server plus ``/tandem/v1/*``
     next to the engine. Per round: O(k) bytes up (the server keeps the
     session's context), O(k·K) bytes down, and vLLM's prefix cache serves the
     context so only the last block(s) plus the draft are recomputed.
@@ -72,7 +72,7 @@ import torch
 
 from decoding.causal_lm import ModelLoadError
 from decoding.verifiers import VerifierUnavailableError
-from decoding.vllm_route import LOGPROB_SLACK, MAX_DRAFT, PROTOCOL_VERSION, ROUTE_PREFIX, vocab_fingerprint
+from service.vllm.route import LOGPROB_SLACK, MAX_DRAFT, PROTOCOL_VERSION, ROUTE_PREFIX, vocab_fingerprint
 
 logger = logging.getLogger("tandem.vllm_verifier")
 

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from decoding.split.audit import perturb
+from decoding.offline.split_audit import perturb
 from service.cli import main
 
 

@@ -23,9 +23,9 @@ from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams, logits_to_probs
 from decoding.speculative import SpecOptions, SpeculativeRouter
-from decoding.tiny_models import train_bpe_tokenizer
+from decoding.offline.tiny_models import train_bpe_tokenizer
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
-from decoding.vllm_verifier import VerifierIncompatibleError, VLLMVerifier
+from decoding.backends.vllm_client import VerifierIncompatibleError, VLLMVerifier
 from loadtests.bench_vllm import sample_text
 from loadtests.delay_proxy import DelayProxy
 
@@ -101,7 +101,7 @@ def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def test_launcher_passes_vllm_arguments_through_with_defaults(capsys):
-    from decoding.vllm_route import main
+    from service.vllm.route import main
 
     assert main(["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2", "--tandem-print-argv"]) == 0
     argv = json.loads(capsys.readouterr().out)

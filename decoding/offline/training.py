@@ -3,10 +3,10 @@
 The recipe, end to end (deterministic given ``seed`` and the thread count):
 
 1. Corpus: this interpreter's standard-library sources (``Lib/*.py``, via
-   :func:`decoding.tiny_models.stdlib_files`), split *by file* with a seeded
+   :func:`decoding.offline.tiny_models.stdlib_files`), split *by file* with a seeded
    shuffle into train and held-out files. Held-out files are never trained on
    (not even by the tokenizer).
-2. Tokenizer: a byte-level BPE (:func:`decoding.tiny_models.train_bpe_tokenizer`)
+2. Tokenizer: a byte-level BPE (:func:`decoding.offline.tiny_models.train_bpe_tokenizer`)
    trained on the train files, shared by all models.
 3. Verifier: a Llama pretrained with next-token cross-entropy on random
    windows of the train token stream.
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from decoding.tiny_models import TinySpec, llama_config, stdlib_files, train_bpe_tokenizer
+from decoding.offline.tiny_models import TinySpec, llama_config, stdlib_files, train_bpe_tokenizer
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from transformers import DynamicCache
 
-from decoding.split import wire
-from decoding.split.partition import BodyModel, cache_bytes, crop_cache
+from decoding import protocol as wire
+from decoding.partition import BodyModel, cache_bytes, crop_cache
 
 log = logging.getLogger("tandem.split.worker")
 

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from decoding.split.partition import CheckpointReader, LayerStack, load_config
+from decoding.partition import CheckpointReader, LayerStack, load_config
 
 
 @dataclass
@@ -87,7 +87,7 @@ def corpus_files(model: Path) -> tuple[list[Path], list[Path], str]:
     the attacker trains on the others (public text). Otherwise: the standard
     library split in two disjoint halves by file.
     """
-    from decoding.tiny_models import stdlib_files
+    from decoding.offline.tiny_models import stdlib_files
 
     files = stdlib_files()
     record = model / "build.json"

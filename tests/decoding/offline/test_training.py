@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from decoding.tiny_models import TinySpec
-from decoding.training import DemoRecipe, build_demo, distill_kl, split_corpus, weights_digest
+from decoding.offline.tiny_models import TinySpec
+from decoding.offline.training import DemoRecipe, build_demo, distill_kl, split_corpus, weights_digest
 
 TINY = DemoRecipe(
     vocab_size=300,

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 TOKEN = "split-test-secret"
 DEMO_VERIFIER = REPO / "models" / "demo" / "verifier"
 
@@ -137,7 +137,7 @@ def tiny_workers(tiny_verifier_dir) -> dict[str, WorkerProcess]:
 
 @pytest.fixture(scope="session")
 def demo_worker(start_worker):
-    from decoding.split.partition import load_config
+    from decoding.partition import load_config
 
     L = load_config(DEMO_VERIFIER).num_hidden_layers
     return start_worker(DEMO_VERIFIER, f"1:{L - 1}")

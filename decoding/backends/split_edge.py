@@ -41,8 +41,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from decoding.causal_lm import still_valid
-from decoding.split import wire
-from decoding.split.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
+from decoding import protocol as wire
+from decoding.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
 from decoding.verifiers import VerifierUnavailableError
 
 # vLLM's inter-token-latency bucket edges (see the ops conventions): a split round is one network step.

@@ -1,10 +1,10 @@
 """Split inference: the prompt never leaves the edge (see docs/split-inference.md).
 
-* :mod:`decoding.split.partition`  head/body/tail of a Llama-family model, read selectively
-* :mod:`decoding.split.wire`       the binary frame (small header + raw tensor)
-* :mod:`decoding.split.worker`     ``tandem split-worker``: the body, per-session KV caches
-* :mod:`decoding.split.edge`       :class:`SplitVerifier`, a Verifier backend for the router
-* :mod:`decoding.split.audit`      ``tandem split audit``: inversion attack vs utility
+* :mod:`decoding.partition`  head/body/tail of a Llama-family model, read selectively
+* :mod:`decoding.protocol`       the binary frame (small header + raw tensor)
+* :mod:`service.split_worker.app`     ``tandem split-worker``: the body, per-session KV caches
+* :mod:`decoding.backends.split_edge`       :class:`SplitVerifier`, a Verifier backend for the router
+* :mod:`decoding.offline.split_audit`      ``tandem split audit``: inversion attack vs utility
 
 This module stays import-light: the gateway calls :func:`route` per request.
 """

