@@ -21,7 +21,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 import kernels
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
+from decoding.events import RoundEvent
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
 from decoding.verifiers import Verifier, VerifierUnavailableError
 
@@ -106,11 +107,21 @@ class GenerationStats:
     def overhead_time_s(self) -> float:
         return max(0.0, self.total_time_s - self.draft_time_s - self.verify_time_s)
 
-    def record_round(self, k: int, num_accepted: int) -> None:
+    def record(self, event: RoundEvent) -> None:
+        """Fold one round into the totals (the router calls this once per round)."""
+        self.generated_tokens += event.emitted
+        self.draft_time_s += event.draft_s
+        self.verify_time_s += event.verify_s
+        if event.fallback:
+            self.fallback = event.fallback
+        if not event.verified:
+            return
+        k, num_accepted = event.k, event.accepted
         self.rounds += 1
         self.fully_accepted_rounds += num_accepted == k
         self.draft_tokens += k
         self.accepted_tokens += num_accepted
+        self.draft_length = event.next_k
         grow = k - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position += [0] * grow
@@ -119,6 +130,14 @@ class GenerationStats:
             self.drafted_per_position[i] += 1
         for i in range(num_accepted):
             self.accepted_per_position[i] += 1
+
+    def snapshot(self) -> GenerationStats:
+        """A copy that later rounds do not change (what each Chunk carries)."""
+        return replace(
+            self,
+            drafted_per_position=list(self.drafted_per_position),
+            accepted_per_position=list(self.accepted_per_position),
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -131,11 +150,13 @@ class GenerationStats:
 
 @dataclass(frozen=True)
 class Chunk:
-    """The output of one round: the tokens it committed and the text now final."""
+    """The output of one round: the tokens it committed, the text now final, what the
+    round did (``event``) and the request's totals so far (``stats``, a snapshot)."""
 
     token_ids: list[int]
     text: str
     finish_reason: Literal["stop", "length"] | None
+    event: RoundEvent
     stats: GenerationStats
 
 
@@ -183,6 +204,43 @@ class AcceptanceTracker:
         return self.k
 
 
+class CostEstimator:
+    """The drafter/verifier cost ratio c of the classic model, one per router.
+
+    In process, c is the ratio of the two models' forward costs, known up front
+    (the parameter ratio, or ``draft_cost_ratio``): k then depends only on the
+    request's own acceptance history, so seeded requests reproduce. When
+    ``measured``, c is learnt from the rounds themselves (moving averages of
+    seconds per draft token and seconds per verification), because for a remote
+    verifier one verification is a network round trip whose cost no parameter
+    count predicts: the best k then grows with the RTT. Until both are observed
+    it reports the prior.
+    """
+
+    def __init__(self, prior: float, measured: bool = False, smoothing: float = 0.1):
+        self.prior = prior
+        self.measured = measured
+        self.smoothing = smoothing
+        self.draft_token_s: float | None = None
+        self.verify_s: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        if not self.measured or self.draft_token_s is None or not self.verify_s:
+            return self.prior
+        return self.draft_token_s / self.verify_s
+
+    def observe(self, event: RoundEvent) -> None:
+        if not self.measured or not event.verified:
+            return
+        self.verify_s = self._average(self.verify_s, event.verify_s)
+        if event.k > 0:
+            self.draft_token_s = self._average(self.draft_token_s, event.draft_s / event.k)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+
 class SpeculativeRouter:
     """Collaborative decoding of one request at a time (many may run concurrently).
 
@@ -197,6 +255,7 @@ class SpeculativeRouter:
         options: SpecOptions = SpecOptions(),
         kernel_backend: kernels.Backend = "auto",
         fallback: Literal["none", "drafter-only"] = "none",
+        measure_cost: bool = False,
     ):
         if drafter is not None and drafter.vocab_size != verifier.vocab_size:
             raise ValueError(
@@ -211,6 +270,7 @@ class SpeculativeRouter:
         #: (VerifierUnavailableError, HTTP 503) or finish the request with the
         #: drafter alone, flagged in the statistics as ``fallback``.
         self.fallback = fallback
+        self.cost = CostEstimator(drafter.cost_ratio if drafter else 0.0, measured=measure_cost)
         self.eos_token_id: int | None = tokenizer.eos_token_id
 
     # -- request checks -------------------------------------------------------
@@ -273,9 +333,10 @@ class SpeculativeRouter:
         stats = GenerationStats(mode=options.mode)
         t_start = time.perf_counter()
         mode = options.mode  # becomes "drafter-only" if the verifier fails and fallback is on
+        fallback: str | None = None  # reported on the round where the switch happened
         generated: list[int] = []
         verify = draft = None
-        tracker = AcceptanceTracker(options, self.drafter.cost_ratio if self.drafter else 0.0)
+        tracker = AcceptanceTracker(options, self.cost.ratio)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop)
         limit = params.max_tokens  # check_request: prompt + max_tokens fit the context
         try:
@@ -283,16 +344,18 @@ class SpeculativeRouter:
                 try:
                     verify = await self.verifier.start(prompt_ids)
                 except VerifierUnavailableError:
-                    mode = self._fall_back(stats)
+                    mode = fallback = self._fall_back()
             if mode != "verifier-only":
                 draft = self.drafter.start(prompt_ids, params, generator)
             while True:
                 budget = limit - stats.generated_tokens
+                transport = None
                 if mode == "drafter-only":
                     t0 = time.perf_counter()
                     proposal = await draft.propose(1)
-                    stats.draft_time_s += time.perf_counter() - t0
+                    draft_s, verify_s = time.perf_counter() - t0, 0.0
                     new_tokens = proposal.tokens
+                    k = num_accepted = 0
                 else:
                     # Every round emits one verifier token, so draft at most budget - 1.
                     k = min(tracker.k, budget - 1) if mode == "speculative" else 0
@@ -302,7 +365,7 @@ class SpeculativeRouter:
                     try:
                         logits = await verify.score(proposal.tokens)
                     except VerifierUnavailableError:
-                        mode = self._fall_back(stats)
+                        mode = fallback = self._fall_back()
                         await self._close(verify)
                         verify = None
                         if draft is None:
@@ -310,14 +373,13 @@ class SpeculativeRouter:
                         else:
                             draft.extend([])  # roll back this round's unverified draft
                         continue
-                    t2 = time.perf_counter()
-                    stats.draft_time_s += t1 - t0
-                    stats.verify_time_s += t2 - t1
+                    draft_s, verify_s = t1 - t0, time.perf_counter() - t1
+                    transport = verify.last_transport
                     stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
                     new_tokens, num_accepted = self._accept(proposal, logits, params, generator)
-                    stats.record_round(k, num_accepted)
-                    stats.draft_length = tracker.update(k, num_accepted) if mode == "speculative" else 0
+                    if mode == "speculative":
+                        tracker.update(k, num_accepted)
 
                 finish: Literal["stop", "length"] | None = None
                 if not params.ignore_eos and self.eos_token_id in new_tokens:
@@ -325,7 +387,20 @@ class SpeculativeRouter:
                     finish = "stop"
                 new_tokens = new_tokens[:budget]
                 generated += new_tokens
-                stats.generated_tokens += len(new_tokens)
+                event = RoundEvent(
+                    k=k,
+                    accepted=num_accepted,
+                    emitted=len(new_tokens),
+                    verified=mode != "drafter-only",
+                    draft_s=draft_s,
+                    verify_s=verify_s,
+                    next_k=tracker.k if mode == "speculative" else 0,
+                    fallback=fallback,
+                    transport=transport,
+                )
+                fallback = None
+                stats.record(event)
+                self.cost.observe(event)
                 text = detok.push(new_tokens)
                 if detok.stopped:
                     finish = "stop"
@@ -342,18 +417,17 @@ class SpeculativeRouter:
                         draft.extend(new_tokens)
                 stats.drafter_forward_passes = draft.forward_passes if draft else 0
                 stats.total_time_s = time.perf_counter() - t_start
-                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, stats=stats)
+                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, event=event, stats=stats.snapshot())
                 if finish is not None:
                     return
         finally:
             await self._close(verify)
             await self._close(draft)
 
-    def _fall_back(self, stats: GenerationStats) -> str:
+    def _fall_back(self) -> str:
         """Switch the request to drafter-only, or re-raise when that is not configured."""
         if self.fallback != "drafter-only" or self.drafter is None:
             raise  # called from an except block: re-raises the VerifierUnavailableError
-        stats.fallback = "drafter-only"
         return "drafter-only"
 
     @staticmethod
@@ -391,6 +465,7 @@ def classic_speedup(alpha: float, k: float, cost_ratio: float) -> float:
 
 __all__ = [
     "Chunk",
+    "CostEstimator",
     "Generation",
     "GenerationStats",
     "MODES",

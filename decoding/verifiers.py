@@ -19,15 +19,24 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from decoding.causal_lm import CachedSequence, CausalLM
+from decoding.events import TransportEvent
 
 
 class VerifierUnavailableError(RuntimeError):
-    """The verifier cannot be reached or answered something unusable (HTTP 503)."""
+    """The verifier cannot be reached or answered something unusable (HTTP 503).
+
+    ``reason`` is a short label for metrics (``unreachable``, a worker's error code, ...)."""
+
+    def __init__(self, message: str, reason: str = "unavailable"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @runtime_checkable
 class VerifySession(Protocol):
     forward_passes: int
+    #: What the latest ``score`` cost on the wire; None for an in-process backend.
+    last_transport: TransportEvent | None
 
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         """Score the context followed by ``draft`` (k ids, k >= 0).
@@ -84,6 +93,8 @@ class HFVerifier:
 
 
 class HFVerifySession:
+    last_transport = None  # in process: nothing crosses a network
+
     def __init__(self, seq: CachedSequence):
         self.seq = seq
 

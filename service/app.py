@@ -49,7 +49,7 @@ from service.backends import Backends, build_backends, spec_options
 from service.config import TandemSettings
 from service.errors import APIError, bad_request, dumps, error_response, install_exception_handlers, to_api_error
 from service.logs import RequestRecord, log_request
-from service.metrics import CONTENT_TYPE, Metrics, RoundSnapshot
+from service.metrics import CONTENT_TYPE, Metrics
 from service.openai_api import (
     MAX_CHOICES,
     ChatCompletionRequest,
@@ -317,7 +317,6 @@ class Job:
         gw, m, record, mode = self.gw, self.gw.metrics, self.record, self.record.mode
         generated = m.generation_tokens.labels(mode)
         label = "abort"
-        snapshot = RoundSnapshot()
         t_prev: float | None = None
         deadline = asyncio.timeout_at(self.deadline)
         try:
@@ -338,7 +337,7 @@ class Job:
                             for _ in range(n):
                                 m.inter_token_latency.observe(gap)
                         t_prev = now
-                    m.observe_round(chunk.stats, snapshot)
+                    m.observe_round(chunk.event)
                     self.texts[spec.index].append(chunk.text)
                     self.stats[spec.index] = chunk.stats
                     if chunk.finish_reason is not None:
@@ -363,6 +362,8 @@ class Job:
     def _fail(self, index: int, exc: BaseException) -> None:
         if isinstance(exc, VerifierUnavailableError):
             self.gw.metrics.verifier_errors.labels("unavailable").inc()
+            if self.record.mode == "split":
+                self.gw.metrics.split_failures.labels(exc.reason).inc()
         elif not isinstance(exc, (RequestTimeoutError, InvalidRequestError)):
             log.error("generation failed (request id %s)", self.record.request_id, exc_info=exc)
         if not self.failed:
@@ -766,9 +767,8 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
         if gw.backends is None:
             gw.backends = await asyncio.to_thread(build_backends, settings)
         if gw.backends.split_router is not None:
-            from decoding.backends.split_edge import edge_metrics
-
-            edge_metrics().register(gw.metrics.registry)  # tandem_split_*: bytes, rounds, replays, failures
+            split_verifier = gw.backends.split_router.verifier
+            gw.metrics.split_sessions.set_function(lambda: split_verifier.open_sessions)
         log.info(
             "ready: model %r (verifier %s, drafter %s), mode %s, %d slots, queue %d, auth %s",
             settings.model_name, gw.backends.verifier.name, gw.backends.drafter.name if gw.backends.drafter else "-",

@@ -89,13 +89,12 @@ def build_backends(settings: TandemSettings) -> Backends:
     )
     split_router = None
     if settings.split_worker_url:
-        from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+        from decoding.backends.split_edge import SplitVerifier
 
         split_verifier = SplitVerifier.from_settings(settings, tokenizer)
         # A split verification is a network round trip, so the drafter's cost relative to it is
         # measured, not the parameter ratio: adaptive k then grows with the RTT.
         split_router = SpeculativeRouter(
-            split_verifier, SplitAwareDrafter(drafter, split_verifier) if drafter else None, tokenizer, spec_options(settings),
-            settings.kernel_backend,
+            split_verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend, measure_cost=True
         )
     return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer, split_router=split_router)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from decoding.speculative import GenerationStats
+from decoding.events import RoundEvent, TransportEvent
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (
@@ -33,6 +33,8 @@ REQUEST_LATENCY_BUCKETS = (
 # One verify round is one verifier pass: it lives on the inter-token scale, with a finer low end
 # (an in-process CPU pass of a small model takes a few milliseconds).
 VERIFY_ROUND_BUCKETS = (0.001, 0.0025, 0.005, *ITL_BUCKETS)
+# A split round is one network step: vLLM's inter-token edges with a finer low end.
+SPLIT_ROUND_BUCKETS = (0.001, 0.005, *ITL_BUCKETS)
 ACCEPTED_PER_ROUND_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -157,54 +159,107 @@ class Metrics:
             registry=registry,
         )
 
+        # -- remote verifiers (decoding.events.TransportEvent) --------------------------
+        self.verifier_round_trips = Counter(
+            "tandem_verifier_round_trips_total", "Successful exchanges with a remote verifier, by backend (vllm, split).",
+            ["backend"], registry=registry,
+        )  # fmt: skip
+        self.verifier_bytes = Counter(
+            "tandem_verifier_wire_bytes_total", "Bytes exchanged with a remote verifier, by backend and direction (up, down).",
+            ["backend", "direction"], registry=registry,
+        )  # fmt: skip
+        self.verifier_retries = Counter(
+            "tandem_verifier_retries_total", "Failed verifier exchanges that were retried, by backend.",
+            ["backend"], registry=registry,
+        )  # fmt: skip
+        self.verifier_resyncs = Counter(
+            "tandem_verifier_resyncs_total",
+            "Rounds that re-sent the committed context in full (new server, evicted session, replay), by backend and reason.",
+            ["backend", "reason"], registry=registry,
+        )  # fmt: skip
+        self.verifier_resync_tokens = Counter(
+            "tandem_verifier_resync_tokens_total", "Context positions re-sent by resyncs, by backend.",
+            ["backend"], registry=registry,
+        )  # fmt: skip
+        self.verifier_tail_mass = Histogram(
+            "tandem_verifier_tail_mass",
+            "Per round, the target probability mass outside the top-K a transport returned (the exactness bound of "
+            "sampling over a top-K transport; 0 = exact).",
+            buckets=(0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1.0), registry=registry,
+        )  # fmt: skip
+
+        # -- the split edge (docs/split-inference.md) -------------------------------------
+        self.split_uplink_bytes = Counter(
+            "tandem_split_uplink_bytes_total", "Bytes sent to split workers (frames)", registry=registry
+        )
+        self.split_downlink_bytes = Counter(
+            "tandem_split_downlink_bytes_total", "Bytes received from split workers (frames)", registry=registry
+        )
+        self.split_tokens = Counter(
+            "tandem_split_tokens_total",
+            "Tokens committed by split sessions (bytes per token = rate(uplink_bytes) / rate(tokens))",
+            registry=registry,
+        )
+        self.split_rounds = Counter("tandem_split_rounds_total", "Split round trips that succeeded", registry=registry)
+        self.split_round_seconds = Histogram(
+            "tandem_split_round_seconds", "Network round trip of one split step, worker compute included",
+            buckets=SPLIT_ROUND_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.split_replays = Counter(
+            "tandem_split_replays_total", "Contexts replayed to rebuild a worker's body cache, by reason", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.split_replayed_tokens = Counter(
+            "tandem_split_replayed_tokens_total", "Positions re-sent by replays", registry=registry
+        )
+        self.split_failures = Counter(
+            "tandem_split_failures_total", "Split steps that failed (503 to the client), by reason", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.split_sessions = Gauge("tandem_split_sessions_active", "Split sessions open on this edge", registry=registry)
+
     # -- helpers used by the gateway ------------------------------------------------
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def observe_round(self, stats: GenerationStats, snapshot: RoundSnapshot) -> None:
-        """Record what one round (one router chunk) added to ``stats``."""
-        if stats.fallback and not snapshot.fallback:
+    def observe_round(self, event: RoundEvent) -> None:
+        """Record one round of one generation."""
+        if event.fallback:
             self.fallbacks.labels(reason="verifier_unavailable").inc()
-            snapshot.fallback = stats.fallback
-        rounds = stats.rounds - snapshot.rounds
-        if rounds <= 0:
+        if event.transport is not None:
+            self.observe_transport(event.transport, event.emitted)
+        if not event.verified:
             return
-        k = stats.draft_tokens - snapshot.draft_tokens
-        accepted = stats.accepted_tokens - snapshot.accepted_tokens
-        self.verify_round_latency.observe((stats.verify_time_s - snapshot.verify_time_s) / rounds)
-        if k > 0:
-            self.spec_num_drafts.inc(rounds)
-            self.spec_num_draft_tokens.inc(k)
-            self.accepted_per_round.observe(accepted)
-            self.draft_length.set(stats.draft_length)
-            if accepted > 0:
-                self.spec_num_accepted_tokens.inc(accepted)
-                per_pos = stats.accepted_per_position
-                old = snapshot.accepted_per_position
-                for pos in range(len(per_pos)):
-                    delta = per_pos[pos] - (old[pos] if pos < len(old) else 0)
-                    if delta > 0:
-                        self.spec_accepted_per_pos.labels(position=str(pos)).inc(delta)
-        snapshot.update(stats)
+        self.verify_round_latency.observe(event.verify_s)
+        if event.k > 0:
+            self.spec_num_drafts.inc()
+            self.spec_num_draft_tokens.inc(event.k)
+            self.accepted_per_round.observe(event.accepted)
+            self.draft_length.set(event.next_k)
+            if event.accepted > 0:
+                self.spec_num_accepted_tokens.inc(event.accepted)
+                for pos in range(event.accepted):
+                    self.spec_accepted_per_pos.labels(position=str(pos)).inc()
 
-
-class RoundSnapshot:
-    """The cumulative counters of a generation at its previous round."""
-
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "verify_time_s", "accepted_per_position", "fallback")
-
-    def __init__(self) -> None:
-        self.rounds = 0
-        self.draft_tokens = 0
-        self.accepted_tokens = 0
-        self.verify_time_s = 0.0
-        self.accepted_per_position: list[int] = []
-        self.fallback: str | None = None
-
-    def update(self, stats: GenerationStats) -> None:
-        self.rounds = stats.rounds
-        self.draft_tokens = stats.draft_tokens
-        self.accepted_tokens = stats.accepted_tokens
-        self.verify_time_s = stats.verify_time_s
-        self.accepted_per_position = list(stats.accepted_per_position)
+    def observe_transport(self, t: TransportEvent, emitted: int) -> None:
+        """A remote verifier's round: wire bytes, retries, resyncs, the exactness bound."""
+        self.verifier_round_trips.labels(t.backend).inc(t.round_trips)
+        self.verifier_bytes.labels(t.backend, "up").inc(t.bytes_up)
+        self.verifier_bytes.labels(t.backend, "down").inc(t.bytes_down)
+        if t.retries:
+            self.verifier_retries.labels(t.backend).inc(t.retries)
+        if t.resync_reason is not None:
+            self.verifier_resyncs.labels(t.backend, t.resync_reason).inc()
+            self.verifier_resync_tokens.labels(t.backend).inc(t.resync_tokens)
+        if t.tail_mass is not None:
+            self.verifier_tail_mass.observe(t.tail_mass)
+        if t.backend == "split":  # the split edge's own families, as the dashboard reads them
+            self.split_uplink_bytes.inc(t.bytes_up)
+            self.split_downlink_bytes.inc(t.bytes_down)
+            self.split_tokens.inc(emitted)
+            self.split_rounds.inc(t.round_trips)
+            self.split_round_seconds.observe(t.round_s / max(t.round_trips, 1))
+            if t.resync_reason is not None:
+                self.split_replays.labels(t.resync_reason).inc()
+                self.split_replayed_tokens.inc(t.resync_tokens)

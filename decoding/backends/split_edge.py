@@ -38,53 +38,12 @@ from typing import Any
 
 import httpx
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from decoding.causal_lm import still_valid
 from decoding import protocol as wire
 from decoding.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
+from decoding.events import TransportEvent
 from decoding.verifiers import VerifierUnavailableError
-
-# vLLM's inter-token-latency bucket edges (see the ops conventions): a split round is one network step.
-ROUND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
-
-
-class _EdgeMetrics:
-    """Process-wide edge metrics (the gateway's default registry)."""
-
-    def __init__(self) -> None:
-        self.uplink_bytes = Counter("tandem_split_uplink_bytes_total", "Bytes sent to split workers (frames)")
-        self.downlink_bytes = Counter("tandem_split_downlink_bytes_total", "Bytes received from split workers (frames)")
-        self.tokens = Counter(
-            "tandem_split_tokens_total",
-            "Tokens committed by split sessions (bytes per token = rate(uplink_bytes) / rate(tokens))",
-        )
-        self.rounds = Counter("tandem_split_rounds_total", "Split round trips that succeeded")
-        self.round_seconds = Histogram(
-            "tandem_split_round_seconds", "Network round trip of one split step, worker compute included", buckets=ROUND_BUCKETS
-        )
-        self.replays = Counter(
-            "tandem_split_replays_total", "Contexts replayed to rebuild a worker's body cache, by reason", ["reason"]
-        )
-        self.replayed_tokens = Counter("tandem_split_replayed_tokens_total", "Positions re-sent by replays")
-        self.failures = Counter("tandem_split_failures_total", "Split steps that failed (503 to the client), by reason", ["reason"])
-        self.sessions = Gauge("tandem_split_sessions_active", "Split sessions open on this edge")
-
-    def register(self, registry: CollectorRegistry) -> None:
-        """Also expose these (process-wide) metrics on ``registry``, e.g. the gateway's /metrics."""
-        for collector in vars(self).values():
-            registry.register(collector)
-
-
-_METRICS: _EdgeMetrics | None = None
-
-
-def edge_metrics() -> _EdgeMetrics:
-    global _METRICS
-    if _METRICS is None:
-        _METRICS = _EdgeMetrics()
-    return _METRICS
-
 
 class SplitVerifier:
     """Split inference as a verifier backend: edge head and tail here, body on a split worker."""
@@ -115,7 +74,7 @@ class SplitVerifier:
         self.noise_scale = float(noise_scale)
         self.wire_dtype = wire_dtype
         self.reconnect_s = reconnect_s
-        self.metrics = edge_metrics()
+        self.open_sessions = 0  # exported by the gateway as tandem_split_sessions_active
         # The noise key: secret per edge process (or derived from noise_seed, for reproducible runs).
         self._noise_key = (
             hashlib.sha256(f"tandem-split-noise-{noise_seed}".encode()).digest()
@@ -135,7 +94,6 @@ class SplitVerifier:
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-edge")
         #: Exponential moving average of one score() (head + round trip + tail), seconds.
-        self.score_seconds: float | None = None
 
     @classmethod
     def from_pretrained(
@@ -262,8 +220,9 @@ class SplitVerifySession:
         self.rounds = 0
         self.replays = 0
         self._opened = False
-        verifier.metrics.sessions.inc()
+        verifier.open_sessions += 1
         self._closed = False
+        self.last_transport: TransportEvent | None = None
 
     @property
     def uplink(self) -> torch.Tensor:
@@ -294,7 +253,6 @@ class SplitVerifySession:
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         if self._closed:
             raise VerifierUnavailableError("split session is closed")
-        t0 = time.perf_counter()
         feed = self.pending() + list(draft)
         start = len(self.cached)
         digests = self.v.prefix_digests(self.digests[start - 1] if start else b"", feed) if self.v.noise_scale else []
@@ -312,9 +270,6 @@ class SplitVerifySession:
         if digests:
             self.digests = self.digests[:start] + digests
         self.forward_passes += 1
-        elapsed = time.perf_counter() - t0
-        ema = self.v.score_seconds
-        self.v.score_seconds = elapsed if ema is None else 0.9 * ema + 0.1 * elapsed
         return logits
 
     def extend(self, tokens: Sequence[int]) -> None:
@@ -322,7 +277,6 @@ class SplitVerifySession:
         the worker's with the next step's ``start``)."""
         start = len(self.ids)
         self.ids.extend(tokens)
-        self.v.metrics.tokens.inc(len(tokens))
         self._crop_to(still_valid(self.cached, start, tokens))
 
     def _crop_to(self, length: int) -> None:
@@ -333,37 +287,44 @@ class SplitVerifySession:
             del self.digests[length:]
 
     async def _step(self, up: torch.Tensor, start: int) -> torch.Tensor:
-        """One round trip (plus a replay when the worker lost the session) -> layer-b rows [n, H]."""
-        v, m = self.v, self.v.metrics
+        """One round trip (plus a replay when the worker lost the session) -> layer-b rows [n, H].
+
+        Sets ``last_transport`` to what the round cost on the wire."""
+        v = self.v
         n = up.shape[0]
         base = {"session": self.sid, "layers": [self.edge.a, self.edge.b], "fingerprint": self.edge.fingerprint}
         frame = wire.encode({**base, "start": start}, up)
         deadline = time.monotonic() + v.reconnect_s
         delay = 0.05
         replays_here = 0
+        bytes_up = bytes_down = retries = 0
+        replay_reason: str | None = None
         last_error = ""
+        t_start = time.perf_counter()
         while True:
-            t0 = time.perf_counter()
             try:
                 resp = await v.client.post("/v1/split/step", content=frame)
             except httpx.TransportError as exc:  # refused, reset, timed out: the worker may be restarting
                 last_error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if time.monotonic() + delay > deadline:
-                    m.failures.labels("unreachable").inc()
                     raise VerifierUnavailableError(
-                        f"split worker at {v.url} is unreachable (retried for {v.reconnect_s:g} s): {last_error}"
+                        f"split worker at {v.url} is unreachable (retried for {v.reconnect_s:g} s): {last_error}",
+                        reason="unreachable",
                     ) from exc
+                retries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            elapsed = time.perf_counter() - t0
-            m.uplink_bytes.inc(len(frame))
-            m.downlink_bytes.inc(len(resp.content))
+            bytes_up += len(frame)
+            bytes_down += len(resp.content)
             if resp.status_code == 200:
-                m.round_seconds.observe(elapsed)
-                m.rounds.inc()
                 self.rounds += 1
                 self._opened = True
+                self.last_transport = TransportEvent(
+                    backend="split", round_s=time.perf_counter() - t_start, round_trips=1 + replays_here,
+                    bytes_up=bytes_up, bytes_down=bytes_down, retries=retries,
+                    resync_reason=replay_reason, resync_tokens=start if replay_reason else 0,
+                )  # fmt: skip
                 return self._decode(resp, n)
             code, message = _error_of(resp)
             if resp.status_code == 409 and replays_here < 2:
@@ -371,18 +332,18 @@ class SplitVerifySession:
                 # disagrees: resend the whole context, exactly as sent before, in one step.
                 replays_here += 1
                 self.replays += 1
-                m.replays.labels(code or "conflict").inc()
-                m.replayed_tokens.inc(start)
+                replay_reason = code or "conflict"
                 frame = wire.encode({**base, "start": 0, "return_from": start}, torch.cat([self.uplink, up]))
                 continue
             if resp.status_code >= 500 and time.monotonic() + delay <= deadline:
                 last_error = f"HTTP {resp.status_code}: {message}"
+                retries += 1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            m.failures.labels(code or f"http_{resp.status_code}").inc()
             raise VerifierUnavailableError(
-                f"split worker at {v.url} refused the step (HTTP {resp.status_code}, {code}): {message}"
+                f"split worker at {v.url} refused the step (HTTP {resp.status_code}, {code}): {message}",
+                reason=code or f"http_{resp.status_code}",
             )
 
     def _decode(self, resp: httpx.Response, n: int) -> torch.Tensor:
@@ -399,7 +360,7 @@ class SplitVerifySession:
         if self._closed:
             return
         self._closed = True
-        self.v.metrics.sessions.dec()
+        self.v.open_sessions -= 1
         if self._opened:
             try:  # free the worker's cache now rather than at its TTL; best effort
                 await self.v.client.delete(f"/v1/split/sessions/{self.sid}", timeout=2.0)
@@ -414,67 +375,3 @@ def _error_of(resp: httpx.Response) -> tuple[str, str]:
         return str(err.get("code") or ""), str(err.get("message") or "")
     except (ValueError, KeyError, TypeError):
         return "", resp.text[:200]
-
-
-class SplitAwareDrafter:
-    """The edge drafter, seen by the split router: its ``cost_ratio`` is measured.
-
-    The router picks k with the classic cost model (k·c + 1 verifier rounds per
-    round), where c is the drafter's cost relative to one verification. For
-    split inference one verification is a network round trip plus the edge's
-    head and tail, so c is far smaller than the parameter ratio, and the best k
-    grows with the RTT. This wrapper times the drafter's steps and the split
-    verifier's rounds (moving averages) and reports their ratio; until both are
-    measured it reports the wrapped drafter's own ratio. The router reads it
-    when a request starts.
-
-    ``aclose`` does not close the wrapped drafter: the gateway owns it (and
-    typically shares it with the speculative router).
-    """
-
-    def __init__(self, drafter: Any, verifier: SplitVerifier):
-        self.inner = drafter
-        self.verifier = verifier
-        self.name = drafter.name
-        self.vocab_size = drafter.vocab_size
-        self.step_seconds: float | None = None
-
-    @property
-    def cost_ratio(self) -> float:
-        round_s = self.verifier.score_seconds
-        if self.step_seconds is None or not round_s:
-            return self.inner.cost_ratio
-        return self.step_seconds / round_s
-
-    def observe(self, seconds: float, steps: int) -> None:
-        per_step = seconds / steps
-        self.step_seconds = per_step if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * per_step
-
-    def start(self, prompt_ids: Sequence[int], params: Any, generator: torch.Generator) -> _TimedDraftSession:
-        return _TimedDraftSession(self, self.inner.start(prompt_ids, params, generator))
-
-    async def aclose(self) -> None:
-        return None
-
-
-class _TimedDraftSession:
-    def __init__(self, owner: SplitAwareDrafter, inner: Any):
-        self.owner = owner
-        self.inner = inner
-
-    @property
-    def forward_passes(self) -> int:
-        return self.inner.forward_passes
-
-    async def propose(self, k: int):
-        t0 = time.perf_counter()
-        draft = await self.inner.propose(k)
-        if k > 0 and draft.tokens:
-            self.owner.observe(time.perf_counter() - t0, k)
-        return draft
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        self.inner.extend(tokens)
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -707,6 +707,8 @@ class VLLMVerifySession:
     ``ids[_sent:]`` and the draft.
     """
 
+    last_transport = None  # TODO(events): report each round as a TransportEvent
+
     def __init__(self, verifier: VLLMVerifier, prompt_ids: Sequence[int]):
         self.verifier = verifier
         self.ids: list[int] = list(prompt_ids)

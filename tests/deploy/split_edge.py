@@ -9,8 +9,8 @@ greedy speculative generations through the real router against the live
 ``tandem split-worker``, pauses once mid-generation for longer than the
 worker's session TTL (so the worker evicts the session and the edge replays
 it), makes one step against an unreachable worker (a split failure), and
-serves the process's ``tandem_split_*`` edge metrics on /metrics for
-Prometheus. It prints ``LISTENING`` once /metrics is up, waits for a line on
+serves the ``tandem_split_*`` edge metrics (the gateway's own ``Metrics``, fed
+with the router's round events) on /metrics for Prometheus. It prints ``LISTENING`` once /metrics is up, waits for a line on
 stdin (so that Prometheus scrapes before, during and after the traffic),
 prints ``READY`` once the traffic is done, then serves until SIGTERM.
 """
@@ -32,22 +32,25 @@ from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.backends.split_edge import SplitVerifier
 from decoding.verifiers import VerifierUnavailableError
 from service.config import TandemSettings
+from service.metrics import Metrics
 
 PROMPTS = ["def main():\n    ", "import os\nimport sys\n\n", "class Parser:\n    def __init__(self"]
 
 
-async def traffic(pause_s: float) -> None:
+async def traffic(pause_s: float, metrics: Metrics) -> None:
     settings = TandemSettings.load()
     tokenizer = load_tokenizer(settings.drafter)
     verifier = SplitVerifier.from_settings(settings, tokenizer)
     drafter = HFDrafter(CausalLM(settings.drafter), cost_ratio=0.25)
     router = SpeculativeRouter(verifier, drafter, tokenizer, SpecOptions(mode="speculative", num_draft_tokens=4))
+    metrics.split_sessions.set_function(lambda: verifier.open_sessions)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     try:
         await verifier.check_ready()
         for i, prompt in enumerate(PROMPTS):
             paused = False
             async for chunk in router.stream(tokenizer.encode(prompt), params):
+                metrics.observe_round(chunk.event)
                 if i == 0 and not paused and chunk.stats.generated_tokens >= 4:
                     paused = True
                     await asyncio.sleep(pause_s)  # > the worker's --session-ttl: evicted, then replayed
@@ -60,8 +63,8 @@ async def traffic(pause_s: float) -> None:
         session = await broken.start(tokenizer.encode(PROMPTS[0]))
         try:
             await session.score([])
-        except VerifierUnavailableError:
-            pass
+        except VerifierUnavailableError as exc:
+            metrics.split_failures.labels(exc.reason).inc()
         else:
             raise SystemExit("split_edge: a step against an unreachable worker did not fail")
         finally:
@@ -75,10 +78,11 @@ def main() -> int:
     p.add_argument("--metrics-port", type=int, required=True)
     p.add_argument("--pause", type=float, default=3.0)
     args = p.parse_args()
-    start_http_server(args.metrics_port, addr="127.0.0.1")
+    metrics = Metrics()
+    start_http_server(args.metrics_port, addr="127.0.0.1", registry=metrics.registry)
     print("LISTENING", flush=True)
     sys.stdin.readline()
-    asyncio.run(traffic(args.pause))
+    asyncio.run(traffic(args.pause, metrics))
     print("READY", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

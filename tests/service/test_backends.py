@@ -6,7 +6,7 @@ import asyncio
 
 import torch
 
-from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+from decoding.backends.split_edge import SplitVerifier
 from service.backends import build_backends
 from service.config import TandemSettings
 
@@ -32,8 +32,8 @@ def test_split_router_times_the_drafter_against_split_rounds(tiny_verifier_dir, 
     try:
         split = backends.split_router
         assert split is not None and isinstance(split.verifier, SplitVerifier)
-        assert isinstance(split.drafter, SplitAwareDrafter) and split.drafter.inner is backends.drafter
-        # Until both are measured, the wrapped drafter's own cost ratio is reported.
-        assert split.drafter.cost_ratio == backends.drafter.cost_ratio
+        assert split.drafter is backends.drafter and split.cost.measured and not backends.router.cost.measured
+        # Until both are measured, the drafter's own cost ratio is reported.
+        assert split.cost.ratio == backends.drafter.cost_ratio
     finally:
         asyncio.run(backends.aclose())

@@ -8,16 +8,16 @@ import time
 import httpx
 import pytest
 import torch
-from prometheus_client import REGISTRY
 
 from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams
-from decoding.speculative import SpecOptions, SpeculativeRouter
+from decoding.speculative import Generation, SpecOptions, SpeculativeRouter
 from decoding import protocol as wire
-from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+from decoding.backends.split_edge import SplitVerifier
 from decoding.partition import EdgeModel, model_fingerprint
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
+from service.metrics import Metrics
 from tests.support.split import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
 
 PROMPTS = ["def main():", "import os\nimport sys\n", "class Foo(Bar):\n    def __init__(self", "x = [i * i for i in range("]
@@ -29,8 +29,21 @@ GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2}
 
 
+#: The gateway's metrics, fed with the rounds these tests run (as the gateway feeds its own).
+METRICS = Metrics()
+
+
 def metric(name: str, **labels) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+    return METRICS.registry.get_sample_value(name, labels) or 0.0
+
+
+async def observed(router: SpeculativeRouter, prompt_ids, params, options) -> Generation:
+    """``router.generate``, with every round's event recorded in METRICS."""
+    tokens: list[int] = []
+    async for chunk in router.stream(prompt_ids, params, options):
+        METRICS.observe_round(chunk.event)
+        tokens += chunk.token_ids
+    return Generation(list(prompt_ids), tokens, "", chunk.finish_reason, chunk.stats)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +75,10 @@ def split_verifier(edge, worker, **kw) -> SplitVerifier:
 async def split_generate(edge, worker, tokenizer, prompts, options, drafter=None, measured_cost=False, **kw):
     verifier = split_verifier(edge, worker, **kw)
     try:
-        if measured_cost:
-            drafter = SplitAwareDrafter(drafter, verifier)
-        router = SpeculativeRouter(verifier, drafter, tokenizer)
-        return [await router.generate(tokenizer.encode(p), GREEDY, options) for p in prompts]
+        router = SpeculativeRouter(verifier, drafter, tokenizer, measure_cost=measured_cost)
+        gens = [await observed(router, tokenizer.encode(p), GREEDY, options) for p in prompts]
+        assert verifier.open_sessions == 0  # tandem_split_sessions_active: every session closed
+        return gens
     finally:
         await verifier.aclose()
 
@@ -222,6 +235,7 @@ def test_kill_and_restart_mid_generation(tiny_workers, edges, tokenizer, referen
         tokens: list[int] = []
         try:
             async for chunk in router.stream(tokenizer.encode(prompt), GREEDY, PLAIN):
+                METRICS.observe_round(chunk.event)
                 tokens += chunk.token_ids
                 if len(tokens) == 8:
                     worker.kill()  # mid-generation: the worker loses every session
@@ -274,13 +288,14 @@ def test_ttl_and_memory_eviction_are_replayed(tiny_verifier_dir, edges, tokenize
             # TTL: pause between rounds longer than the TTL.
             tokens, paused = [], False
             async for chunk in router.stream(tokenizer.encode(PROMPTS[0]), GREEDY, PLAIN):
+                METRICS.observe_round(chunk.event)
                 tokens += chunk.token_ids
                 if len(tokens) == 5 and not paused:
                     paused = True
                     await asyncio.sleep(1.5)
             assert tokens == reference[PROMPTS[0]]
             # Memory bound: two interleaved sessions that do not fit together.
-            gens = await asyncio.gather(router.generate(a, GREEDY, PLAIN), router.generate(b, GREEDY, PLAIN))
+            gens = await asyncio.gather(observed(router, a, GREEDY, PLAIN), observed(router, b, GREEDY, PLAIN))
             assert [g.token_ids for g in gens] == [reference[PROMPTS[2]], reference[PROMPTS[3]]]
             # One session that alone exceeds the bound: a clear refusal.
             sess = await verifier.start(list(range(1, room + 10)))
@@ -312,8 +327,7 @@ def test_edge_metrics_and_bytes_per_token(edges, tiny_workers, tokenizer):
     # After the prompt, a plain round sends one fp16 row plus a small header.
     prompt_len = len(tokenizer.encode(PROMPTS[0]))
     assert up < 2 * H * (prompt_len + rounds) + 300 * rounds
-    assert REGISTRY.get_sample_value("tandem_split_round_seconds_count") >= rounds
-    assert metric("tandem_split_sessions_active") == 0
+    assert metric("tandem_split_round_seconds_count") >= rounds
 
 
 def test_with_noise_speculative_still_matches_plain(edges, tiny_workers, tokenizer, reference, tiny_verifier_lm):
@@ -347,21 +361,20 @@ def test_demo_pair_split_is_token_identical(demo_worker, tiny_verifier_dir):
     assert [g.token_ids for g in spec] == ref
 
 
-def test_split_aware_drafter_measures_its_cost_ratio(edges, tiny_workers, tokenizer, tiny_drafter_lm):
+def test_split_router_measures_the_cost_ratio(edges, tiny_workers, tokenizer, tiny_drafter_lm):
     drafter = HFDrafter(tiny_drafter_lm, cost_ratio=0.5)
 
     async def run():
         verifier = split_verifier(edges["1:2"], tiny_workers["1:2"])
-        aware = SplitAwareDrafter(drafter, verifier)
-        assert aware.cost_ratio == 0.5  # nothing measured yet
-        router = SpeculativeRouter(verifier, aware, tokenizer)
+        router = SpeculativeRouter(verifier, drafter, tokenizer, measure_cost=True)
+        assert router.cost.ratio == 0.5  # nothing measured yet
         await router.generate(tokenizer.encode(PROMPTS[0]), GREEDY, SPEC)
         await verifier.aclose()
-        return aware
+        return router.cost
 
-    aware = asyncio.run(run())
-    assert aware.step_seconds > 0 and aware.verifier.score_seconds > 0
-    assert aware.cost_ratio == aware.step_seconds / aware.verifier.score_seconds != 0.5
+    cost = asyncio.run(run())
+    assert cost.draft_token_s > 0 and cost.verify_s > 0
+    assert cost.ratio == cost.draft_token_s / cost.verify_s != 0.5
 
 
 def test_a_context_past_the_uplink_buffer_replays_exactly(tiny_workers, edges, tokenizer):
@@ -377,6 +390,7 @@ def test_a_context_past_the_uplink_buffer_replays_exactly(tiny_workers, edges, t
         tokens: list[int] = []
         try:
             async for chunk in router.stream(prompt, params, PLAIN):
+                METRICS.observe_round(chunk.event)
                 tokens += chunk.token_ids
                 if len(tokens) == kill_at:
                     worker.kill()
