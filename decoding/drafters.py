@@ -27,9 +27,10 @@ class Draft:
     """Proposed tokens for one round.
 
     tokens: up to k proposed ids (fewer, even none, when a drafter has nothing).
-    probs: [len(tokens), V] float32 distributions the tokens were sampled from,
-        or None when the proposal is deterministic (greedy or n-gram), which
-        speculative sampling treats as one-hot.
+    probs: [len(tokens), V] float32 distributions the tokens were sampled from, on
+        the drafter's device; None when the proposal is deterministic (greedy
+        drafting or n-gram lookup), which verification treats as a point mass at
+        each token without materialising it.
     """
 
     tokens: list[int]
@@ -54,6 +55,8 @@ class DraftSession(Protocol):
 class Drafter(Protocol):
     name: str
     vocab_size: int
+    #: Where the drafter samples: ``start`` is given a generator on this device.
+    device: torch.device
     #: Cost of one drafter step relative to one verifier pass (the classic c).
     cost_ratio: float
 
@@ -69,6 +72,7 @@ class HFDrafter:
         self.lm = lm
         self.name = lm.name
         self.vocab_size = lm.vocab_size
+        self.device = lm.device
         self.cost_ratio = cost_ratio
 
     @classmethod
@@ -131,6 +135,7 @@ class NgramDrafter:
     """
 
     cost_ratio = 0.0
+    device = torch.device("cpu")  # it never samples
 
     def __init__(self, vocab_size: int, max_ngram: int = 4, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:

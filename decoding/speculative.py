@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
@@ -329,7 +330,7 @@ class SpeculativeRouter:
         prompt_ids = list(prompt_ids)
         self.check_request(prompt_ids, params, options)
         seed = params.seed if params.seed is not None else random.randrange(2**63)
-        generator = torch.Generator().manual_seed(seed)
+        generators = Generators(seed)
         stats = GenerationStats(mode=options.mode)
         t_start = time.perf_counter()
         mode = options.mode  # becomes "drafter-only" if the verifier fails and fallback is on
@@ -346,7 +347,7 @@ class SpeculativeRouter:
                 except VerifierUnavailableError:
                     mode = fallback = self._fall_back()
             if mode != "verifier-only":
-                draft = self.drafter.start(prompt_ids, params, generator)
+                draft = self.drafter.start(prompt_ids, params, generators.on(self.drafter.device))
             while True:
                 budget = limit - stats.generated_tokens
                 transport = None
@@ -369,7 +370,7 @@ class SpeculativeRouter:
                         await self._close(verify)
                         verify = None
                         if draft is None:
-                            draft = self.drafter.start(prompt_ids + generated, params, generator)
+                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device))
                         else:
                             draft.extend([])  # roll back this round's unverified draft
                         continue
@@ -377,7 +378,7 @@ class SpeculativeRouter:
                     transport = verify.last_transport
                     stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
-                    new_tokens, num_accepted = self._accept(proposal, logits, params, generator)
+                    new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
                     if mode == "speculative":
                         tracker.update(k, num_accepted)
 
@@ -439,21 +440,50 @@ class SpeculativeRouter:
     def _accept(
         self, proposal: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
     ) -> tuple[list[int], int]:
-        """Run the verification maths on one row. logits: [k+1, V] -> (tokens, accepted)."""
+        """Run the verification maths on one row, on the device the verifier's logits live on.
+
+        logits: [k+1, V] float32 from the verifier; ``generator`` lives on the same
+        device. Returns (the accepted drafts plus one correction or bonus token, accepted).
+        """
+        device = logits.device
         k = len(proposal.tokens)
-        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long)
-        lens = torch.tensor([k], dtype=torch.long)
+        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long, device=device)
+        lens = torch.tensor([k], dtype=torch.long, device=device)
         if params.greedy:
-            target, q = logits[None], None
+            result = kernels.verify_drafts(draft_tokens, lens, logits[None], greedy=True, backend=self.kernel_backend)
         else:
             target = logits_to_probs(logits, params)[None]
-            if proposal.probs is not None:
-                q = proposal.probs[None]
-            else:  # deterministic proposal: q is one-hot at the proposed token
-                q = torch.nn.functional.one_hot(draft_tokens, target.shape[-1]).float()
-        result = kernels.verify_drafts(draft_tokens, lens, target, q, generator, backend=self.kernel_backend)
+            # A deterministic proposal (greedy drafting, n-gram lookup) has no probs: the
+            # kernels treat it as a point mass at each draft without materialising [k, V].
+            q = None if proposal.probs is None else proposal.probs[None].to(device, non_blocking=True)
+            result = kernels.verify_drafts(draft_tokens, lens, target, q, generator, backend=self.kernel_backend)
         n = int(result.num_accepted[0])
         return result.tokens[0, : n + 1].tolist(), n
+
+
+class Generators:
+    """One seeded ``torch.Generator`` per device a request samples on.
+
+    The drafter samples where it runs and the verification maths runs where the
+    verifier's logits are; a CUDA tensor cannot be sampled with a CPU generator,
+    so each device gets its own stream. Each device's seed is derived from the
+    request seed and the device alone, so a seeded request stays reproducible;
+    when everything runs on one device there is exactly one generator.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def on(self, device: torch.device | str) -> torch.Generator:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = self._by_device.get(device)
+        if gen is None:
+            seed = self.seed if device.type == "cpu" else (self.seed * 1_000_003 + zlib.crc32(str(device).encode())) % 2**63
+            gen = self._by_device[device] = torch.Generator(device).manual_seed(seed)
+        return gen
 
 
 def classic_speedup(alpha: float, k: float, cost_ratio: float) -> float:

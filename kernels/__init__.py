@@ -25,10 +25,16 @@ def verify_drafts(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    greedy: bool = False,
     backend: Backend = "auto",
     nan_check: Literal["full", "touched"] = "full",
 ) -> VerificationResult:
     """Verify a batch of drafts; same contract as :func:`kernels.reference.verify_drafts`.
+
+    ``greedy`` selects argmax verification; otherwise drafts are verified by
+    speculative sampling against ``draft_probs``, or, when it is None, against a
+    point mass at each draft (deterministic drafters), which is never materialised.
 
     ``nan_check`` (Triton only): ``"full"`` reads every element of p and q to reject NaN, like
     the reference; ``"touched"`` checks only the elements the maths reads, which saves a full
@@ -42,5 +48,7 @@ def verify_drafts(
     if use_triton:
         from kernels.triton_verify import verify_drafts_triton
 
-        return verify_drafts_triton(draft_tokens, draft_lens, target_probs, draft_probs, generator, nan_check=nan_check)
-    return _verify_torch(draft_tokens, draft_lens, target_probs, draft_probs, generator)
+        return verify_drafts_triton(
+            draft_tokens, draft_lens, target_probs, draft_probs, generator, greedy=greedy, nan_check=nan_check
+        )
+    return _verify_torch(draft_tokens, draft_lens, target_probs, draft_probs, generator, greedy=greedy)

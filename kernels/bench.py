@@ -115,7 +115,8 @@ def _parse_args(argv=None) -> argparse.Namespace:
         "--vocab", "-V", type=int, nargs="+", default=[32000, 152064], help="vocabulary sizes V (32k, 152k)"
     )
     parser.add_argument(
-        "--mode", nargs="+", choices=["greedy", "sampling"], default=["sampling", "greedy"], help="verification modes"
+        "--mode", nargs="+", choices=["greedy", "sampling", "point-mass"], default=["sampling", "greedy", "point-mass"],
+        help="verification modes (point-mass: deterministic drafts, e.g. n-gram, verified by sampling without a q tensor)"
     )
     parser.add_argument(
         "--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="dtype of p and q"
@@ -161,6 +162,8 @@ def make_inputs(mode: str, B: int, K: int, V: int, dtype: torch.dtype, device, s
             rows = torch.arange(B, device=device)[corrupt]
             drafts[rows, where[corrupt]] = (drafts[rows, where[corrupt]] + 1) % V
         return drafts, lens, p.to(dtype), None
+    if mode == "point-mass":  # deterministic drafts (n-gram, greedy drafter): no q at all
+        return p[:, :K].argmax(-1), lens, p.to(dtype), None
     q = torch.softmax(3.0 * torch.randn(B, K, V, device=device, generator=g), dim=-1)
     # Mix q towards p so that acceptance rates are realistic (~50-70%).
     q = 0.5 * q + 0.5 * p[:, :K]
@@ -235,8 +238,8 @@ def smoke(args) -> int:
             lens[0] = 0
             if mode == "greedy":
                 ok = torch.equal(
-                    kernels.verify_drafts(drafts, lens, p, backend="triton").tokens,
-                    reference.verify_drafts(drafts, lens, p).tokens,
+                    kernels.verify_drafts(drafts, lens, p, greedy=True, backend="triton").tokens,
+                    reference.verify_drafts(drafts, lens, p, greedy=True).tokens,
                 )
             else:
                 g = torch.Generator(device=device).manual_seed(args.seed)
@@ -305,10 +308,11 @@ def bench_shape(args, mode: str, B: int, K: int, V: int, device, peak: float | N
     dtype = getattr(torch, args.dtype)
     drafts, lens, p, q = make_inputs(mode, B, K, V, dtype, device, args.seed)
     g = torch.Generator(device=device)
+    greedy = mode == "greedy"
     impls = {
-        "torch": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="torch"),
-        "triton": lambda: kernels.verify_drafts(drafts, lens, p, q, g, backend="triton"),
-        "triton-touched": lambda: tv.verify_drafts_triton(drafts, lens, p, q, g, nan_check="touched"),
+        "torch": lambda: kernels.verify_drafts(drafts, lens, p, q, g, greedy=greedy, backend="torch"),
+        "triton": lambda: kernels.verify_drafts(drafts, lens, p, q, g, greedy=greedy, backend="triton"),
+        "triton-touched": lambda: tv.verify_drafts_triton(drafts, lens, p, q, g, greedy=greedy, nan_check="touched"),
     }
     notes = {"vllm": "reads B*K rows of p (bonus sampled outside)"}
     if "vllm" in args.impl:

@@ -9,14 +9,20 @@ Rows are independent requests. Row ``b`` proposed ``draft_lens[b]`` tokens
 position ``i`` is the target distribution for draft token ``i`` and position
 ``draft_lens[b]`` gives the bonus token when every draft is accepted.
 
-Greedy (``draft_probs is None``): accept while the draft equals the target
-argmax, then emit the target argmax at the first mismatch (or the bonus).
+Greedy (``greedy=True``): accept while the draft equals the target argmax,
+then emit the target argmax at the first mismatch (or the bonus).
 
 Sampling (speculative sampling, Leviathan et al. 2023 / Chen et al. 2023):
 accept draft ``x_i`` with probability ``min(1, p_i(x_i) / q_i(x_i))``; at the
 first rejection emit a token from ``normalize(max(0, p_i - q_i))``; when every
 draft is accepted emit a bonus token from ``p_L``. The emitted sequence then
 has exactly the target distribution, whatever the draft distribution was.
+
+A deterministic drafter (greedy drafting, n-gram lookup) proposes from a point
+mass: ``draft_probs=None`` with ``greedy=False``. Then q is one-hot at the draft
+without ever being materialised: accept with probability ``p_i(x_i)``, and
+after a rejection sample from p with ``x_i`` removed (vLLM's rejection sampler
+does the same for ``draft_probs=None``).
 """
 
 from __future__ import annotations
@@ -46,11 +52,14 @@ def check_inputs(
     draft_lens: torch.Tensor,
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
+    greedy: bool = False,
 ) -> None:
     """Raise ``ValueError`` naming the first problem with the inputs.
 
     Shared by every backend so that they all reject the same inputs the same way.
     """
+    if greedy and draft_probs is not None:
+        raise ValueError("greedy verification takes no draft_probs (pass draft_probs=None)")
     if draft_tokens.dim() != 2:
         raise ValueError(f"draft_tokens must be [B, K], got shape {tuple(draft_tokens.shape)}")
     B, K = draft_tokens.shape
@@ -113,6 +122,8 @@ def verify_drafts(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    *,
+    greedy: bool = False,
 ) -> VerificationResult:
     """Accept or reject a batch of drafts; emit one correction or bonus token per row.
 
@@ -123,16 +134,17 @@ def verify_drafts(
         target_probs: [B, K+1, V] float, the verifier's (processed) distributions.
             For greedy decoding only the argmax matters, so logits work too.
         draft_probs: [B, K, V] float, the drafter's distributions the drafts were
-            sampled from, or None for greedy verification. A deterministic drafter
-            (n-gram) passes one-hot rows.
+            sampled from; None when the drafts are deterministic (a point mass at
+            each draft), and always None for greedy verification.
         generator: source of all random numbers (sampling only); a per-request
             generator makes a seeded request reproducible.
+        greedy: argmax verification (temperature 0) instead of speculative sampling.
 
     Returns:
         VerificationResult with tokens [B, K+1] int64 (padded with -1) and
         num_accepted [B] int64.
     """
-    check_inputs(draft_tokens, draft_lens, target_probs, draft_probs)
+    check_inputs(draft_tokens, draft_lens, target_probs, draft_probs, greedy)
     B, K = draft_tokens.shape
     device = target_probs.device
     draft_tokens = draft_tokens.long()
@@ -140,12 +152,15 @@ def verify_drafts(
     positions = torch.arange(K, device=device)
     in_draft = positions[None, :] < lens[:, None]  # [B, K]
 
-    if draft_probs is None:
+    if greedy:
         target_ids = target_probs.argmax(dim=-1)  # [B, K+1]
         accepted = (draft_tokens == target_ids[:, :K]) & in_draft
     else:
         p = target_probs[:, :K].gather(-1, draft_tokens[..., None]).squeeze(-1).float()
-        q = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1).float()
+        if draft_probs is None:  # point mass: q(x) = 1
+            q = torch.ones_like(p)
+        else:
+            q = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1).float()
         u = torch.rand(B, K, device=device, generator=generator)
         # u * q < p  <=>  u < p / q, without dividing by a zero q.
         accepted = (u * q < p) & in_draft
@@ -155,12 +170,17 @@ def verify_drafts(
     rows = torch.arange(B, device=device)
     p_next = target_probs[rows, num_accepted]  # [B, V] target at the first non-accepted slot
 
-    if draft_probs is None:
+    if greedy:
         next_token = p_next.argmax(dim=-1)
     else:
         rejected = num_accepted < lens
-        q_next = draft_probs[rows, num_accepted.clamp(max=K - 1)] if K > 0 else torch.zeros_like(p_next)
-        residual = torch.where(rejected[:, None], (p_next - q_next).clamp(min=0), p_next)
+        if draft_probs is None:
+            # max(0, p - onehot(x)) is p with x removed.
+            x = draft_tokens[rows, num_accepted.clamp(max=K - 1)] if K > 0 else torch.zeros_like(rows)
+            residual = torch.where(rejected[:, None], p_next.scatter(-1, x[:, None], 0.0), p_next)
+        else:
+            q_next = draft_probs[rows, num_accepted.clamp(max=K - 1)] if K > 0 else torch.zeros_like(p_next)
+            residual = torch.where(rejected[:, None], (p_next - q_next).clamp(min=0), p_next)
         # p == q makes a rejection a probability-zero event, but a draft token
         # with p = q = 0 can still be rejected; the residual is then all zero and
         # p itself is the right distribution to fall back on.

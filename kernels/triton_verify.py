@@ -11,7 +11,8 @@ Shapes used throughout (``B`` rows, ``K`` draft slots, ``V`` vocabulary)::
     draft_tokens  [B, K]      int32/int64
     draft_lens    [B]         int32/int64, 0 <= len <= K
     target_probs  [B, K+1, V] float16/bfloat16/float32/float64 ("p")
-    draft_probs   [B, K, V]   same dtype as target_probs ("q"), None for greedy
+    draft_probs   [B, K, V]   same dtype as target_probs ("q"); None for greedy, and for
+                              deterministic drafts (a point mass at each draft, never materialised)
     tokens        [B, K+1]    int64 output, padded with PAD (-1)
     num_accepted  [B]         int64 output
 
@@ -279,6 +280,7 @@ def _sample_kernel(
     WIDE_DTYPE: tl.constexpr,  # float64 for float64 inputs, else float32
     FULL_NAN_CHECK: tl.constexpr,
     EXTERNAL_NOISE: tl.constexpr,  # test hook: take the random numbers from memory
+    POINT_MASS: tl.constexpr,  # q is one-hot at each draft: q_ptr is never read
 ):
     b = tl.program_id(0)
     s = tl.program_id(1)
@@ -296,9 +298,12 @@ def _sample_kernel(
     # Widen before any arithmetic or comparison: float32 is what the reference
     # compares in, and Triton's interpreter has no bfloat16 arithmetic.
     p_tok = tl.load(p_ptr + b64 * stride_p_b + ks64 * stride_p_k + tok * stride_p_v, mask=in_draft, other=0)
-    q_tok = tl.load(q_ptr + b64 * stride_q_b + ks64 * stride_q_k + tok * stride_q_v, mask=in_draft, other=0)
     p_tok = p_tok.to(tl.float32)
-    q_tok = q_tok.to(tl.float32)
+    if POINT_MASS:
+        q_tok = tl.where(in_draft, 1.0, 0.0)
+    else:
+        q_tok = tl.load(q_ptr + b64 * stride_q_b + ks64 * stride_q_k + tok * stride_q_v, mask=in_draft, other=0)
+        q_tok = q_tok.to(tl.float32)
     has_nan = tl.max(((p_tok != p_tok) | (q_tok != q_tok)).to(tl.int32), axis=0) > 0
     if EXTERNAL_NOISE:
         u = tl.load(u_ptr + b64 * K + ks, mask=in_draft, other=1.0)
@@ -311,6 +316,7 @@ def _sample_kernel(
 
     # ---- recovered token ~ normalize(max(0, p_n - q_n)) after a rejection, bonus ~ p_n otherwise
     n64 = n.to(tl.int64)
+    x_n = tl.sum(tl.where(ks == n, tok, 0), axis=0)  # the rejected draft (point mass only)
     p_row = p_ptr + b64 * stride_p_b + n64 * stride_p_k
     q_row = q_ptr + b64 * stride_q_b + n64 * stride_q_k  # only dereferenced when rejected (n < K)
     start = s * CHUNK
@@ -330,16 +336,21 @@ def _sample_kernel(
         live = cols < end
         cols64 = cols.to(tl.int64)
         pv = tl.load(p_row + cols64 * stride_p_v, mask=live, other=0)
-        qv = tl.load(q_row + cols64 * stride_q_v, mask=cols < q_end, other=0)
-        # The reference subtracts in the input dtype (torch computes a 16-bit
-        # difference in float32 and rounds it back), clamps, then widens to float32.
-        # Doing exactly that keeps the residual bit-identical to the reference.
         pw = pv.to(WIDE_DTYPE)
-        qw = qv.to(WIDE_DTYPE)
-        nan_lanes |= (pw != pw) | (qw != qw)
-        diff = (pw - qw).to(pv.dtype).to(tl.float32)
         p32 = pw.to(tl.float32)
-        res = tl.where(rejected, tl.maximum(diff, 0.0), p32)
+        if POINT_MASS:
+            # max(0, p - onehot(x)) is p with the rejected draft x removed.
+            nan_lanes |= pw != pw
+            res = tl.where(rejected & (cols == x_n), 0.0, p32)
+        else:
+            qv = tl.load(q_row + cols64 * stride_q_v, mask=cols < q_end, other=0)
+            # The reference subtracts in the input dtype (torch computes a 16-bit
+            # difference in float32 and rounds it back), clamps, then widens to float32.
+            # Doing exactly that keeps the residual bit-identical to the reference.
+            qw = qv.to(WIDE_DTYPE)
+            nan_lanes |= (pw != pw) | (qw != qw)
+            diff = (pw - qw).to(pv.dtype).to(tl.float32)
+            res = tl.where(rejected, tl.maximum(diff, 0.0), p32)
         if EXTERNAL_NOISE:
             # div_rn: IEEE round-to-nearest like torch's division (a plain '/' may
             # lower to an approximate division on GPUs), so that scores match the
@@ -375,14 +386,15 @@ def _sample_kernel(
                 x = tl.load(row + cols.to(tl.int64) * stride_p_v, mask=cols < row_end, other=0)
                 x = x.to(WIDE_DTYPE)
                 nan_lanes |= x != x
-        for i in range(0, K):
-            row = q_ptr + b64 * stride_q_b + i * stride_q_k
-            row_end = tl.where((i != n) | (n >= length), end, 0)
-            for off in range(start, end, BLOCK_V):
-                cols = off + lanes
-                x = tl.load(row + cols.to(tl.int64) * stride_q_v, mask=cols < row_end, other=0)
-                x = x.to(WIDE_DTYPE)
-                nan_lanes |= x != x
+        if not POINT_MASS:
+            for i in range(0, K):
+                row = q_ptr + b64 * stride_q_b + i * stride_q_k
+                row_end = tl.where((i != n) | (n >= length), end, 0)
+                for off in range(start, end, BLOCK_V):
+                    cols = off + lanes
+                    x = tl.load(row + cols.to(tl.int64) * stride_q_v, mask=cols < row_end, other=0)
+                    x = x.to(WIDE_DTYPE)
+                    nan_lanes |= x != x
     has_nan |= tl.max(nan_lanes.to(tl.int32), axis=0) > 0
     tl.store(err_ptr, 1, mask=bad | has_nan)
 
@@ -449,8 +461,10 @@ def _sample_finalize_kernel(
 INTERPRETED = not isinstance(_sample_kernel, triton.runtime.JITFunction)
 
 
-def _structure_ok(draft_tokens, draft_lens, target_probs, draft_probs) -> bool:
+def _structure_ok(draft_tokens, draft_lens, target_probs, draft_probs, greedy) -> bool:
     """Shape/dtype/device checks of ``check_inputs`` that need no data (no host sync)."""
+    if greedy and draft_probs is not None:
+        return False
     if draft_tokens.dim() != 2 or draft_tokens.dtype not in (torch.int32, torch.int64):
         return False
     B, K = draft_tokens.shape
@@ -469,10 +483,10 @@ def _structure_ok(draft_tokens, draft_lens, target_probs, draft_probs) -> bool:
     return len(devices) == 1
 
 
-def _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs) -> None:
+def _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs, greedy) -> None:
     # Let the reference phrase the error, so that every backend rejects an input
     # with the same message.
-    check_inputs(draft_tokens, draft_lens, target_probs, draft_probs)
+    check_inputs(draft_tokens, draft_lens, target_probs, draft_probs, greedy)
     raise ValueError("invalid verification inputs")  # unreachable unless the checks disagree
 
 
@@ -500,6 +514,7 @@ def verify_drafts_triton(
     draft_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    greedy: bool = False,
     nan_check: Literal["full", "touched"] = "full",
     seeds: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -513,6 +528,8 @@ def verify_drafts_triton(
     knobs that the public entry point leaves at their defaults:
 
     Args:
+        greedy: argmax verification; otherwise speculative sampling against
+            ``draft_probs``, or against a point mass at each draft when it is None.
         nan_check: "full" checks every element of p and q for NaN, like the
             reference (the kernels then read p and q once in full); "touched" only
             checks, and reads, the elements the result depends on.
@@ -528,8 +545,8 @@ def verify_drafts_triton(
     Returns:
         VerificationResult(tokens [B, K+1] int64 padded with -1, num_accepted [B] int64).
     """
-    if not _structure_ok(draft_tokens, draft_lens, target_probs, draft_probs):
-        _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs)
+    if not _structure_ok(draft_tokens, draft_lens, target_probs, draft_probs, greedy):
+        _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs, greedy)
     if nan_check not in ("full", "touched"):
         raise ValueError(f"nan_check must be 'full' or 'touched', got {nan_check!r}")
     device = target_probs.device
@@ -553,7 +570,7 @@ def verify_drafts_triton(
     err = torch.zeros((1,), dtype=torch.int32, device=device)
     block_k1 = triton.next_power_of_2(K + 1)
 
-    if draft_probs is None:
+    if greedy:
         splits = num_splits or _num_splits(B * (K + 1), V, block_v, device)
         chunk = triton.cdiv(triton.cdiv(V, splits), block_v) * block_v
         splits = triton.cdiv(V, chunk)  # no empty splits
@@ -597,8 +614,8 @@ def verify_drafts_triton(
         part_f = torch.empty((2, B, splits), dtype=torch.float32, device=device)
         part_i = torch.empty((3, B, splits), dtype=torch.int32, device=device)
         p, q = target_probs, draft_probs
-        if q.numel() == 0:
-            q = p  # K == 0: q is never dereferenced, but the pointer must be real
+        if q is None or q.numel() == 0:
+            q = p  # point mass, or K == 0: q is never dereferenced, but the pointer must be real
         _sample_kernel[(B, splits)](
             tokens, num_accepted,
             part_f[0], part_i[0], part_f[1], part_i[1], part_i[2],
@@ -616,6 +633,7 @@ def verify_drafts_triton(
             WIDE_DTYPE=tl.float64 if p.dtype == torch.float64 else tl.float32,
             FULL_NAN_CHECK=full,
             EXTERNAL_NOISE=_noise is not None,
+            POINT_MASS=draft_probs is None,
         )  # fmt: skip
         if splits > 1:
             _sample_finalize_kernel[(B,)](
@@ -630,5 +648,5 @@ def verify_drafts_triton(
 
     # One host sync for all value checks; the caller reads the tokens anyway.
     if int(err.item()) != 0:
-        _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs)
+        _raise_invalid(draft_tokens, draft_lens, target_probs, draft_probs, greedy)
     return VerificationResult(tokens=tokens, num_accepted=num_accepted)

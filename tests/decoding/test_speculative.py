@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
-from decoding.speculative import SpecOptions, SpeculativeRouter
+from decoding.speculative import Generators, SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier
 from tests.stats_helpers import chi2_pvalue
 
@@ -369,3 +369,117 @@ def test_verifier_failure_falls_back_to_drafter_only_when_configured(fail_at, ti
     prefix = ids + out.token_ids[:m]
     rest = hf.generate(torch.tensor([prefix]), max_new_tokens=24 - m, do_sample=False)[0, len(prefix):].tolist()
     assert out.token_ids[m:] == rest
+
+
+# -- kernel backends and device placement -----------------------------------------------
+
+
+def test_triton_backend_greedy_is_token_identical_to_torch(drafters, tiny_verifier_lm, tiny_tokenizer):
+    """The router with the Triton kernels (run by Triton's interpreter on CPU) emits the
+    torch backend's tokens, for sampled-free drafts of every kind."""
+    params = SamplingParams(max_tokens=24)
+    for name in ("bad", "ngram"):
+        routers = {
+            backend: SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafters[name], tiny_tokenizer, kernel_backend=backend)
+            for backend in ("torch", "triton")
+        }
+        for prompt in PROMPTS[:3]:
+            ids = tiny_tokenizer.encode(prompt)
+            outs = {b: generate(r, ids, params).token_ids for b, r in routers.items()}
+            assert outs["triton"] == outs["torch"]
+
+
+@pytest.mark.parametrize(
+    "backend, drafter_kind, length, samples",
+    # Triton's interpreter is slow, so its runs check 2-token continuations (25 cells).
+    [("triton", "model", 2, 800), ("triton", "ngram", 2, 800), ("torch", "ngram", 3, 3000)],
+)
+def test_sampling_is_exact_for_every_kernel_backend_and_proposal(backend, drafter_kind, length, samples, small_vocab):
+    """Sampled drafts (the drafter's q) and deterministic ones (n-gram: a point mass, never a
+    dense one-hot), through the torch reference and the Triton kernels: the sequences follow
+    the verifier's exact distribution (chi-square over every continuation of ``length`` tokens)."""
+    vlm, dlm, tokenizer = small_vocab
+    params = SamplingParams(max_tokens=length, temperature=1.0)
+    prompt = tokenizer.encode("w1 w3 w1 w3 w1")  # repeats, so the n-gram drafter proposes
+    exact = exact_distribution(vlm, prompt, length, params)
+    cells = sorted(exact)
+    drafter = HFDrafter(dlm) if drafter_kind == "model" else NgramDrafter(vlm.vocab_size)
+    router = SpeculativeRouter(HFVerifier(vlm), drafter, tokenizer, SpecOptions(num_draft_tokens=2), kernel_backend=backend)
+
+    async def sample_all():
+        counts = dict.fromkeys(cells, 0)
+        drafted = 0
+        for seed in range(samples):
+            p = SamplingParams(max_tokens=length, temperature=1.0, seed=seed, ignore_eos=True)
+            gen = await router.generate(prompt, p)
+            counts[tuple(gen.token_ids)] += 1
+            drafted += gen.stats.draft_tokens
+        return counts, drafted
+
+    counts, drafted = asyncio.run(sample_all())
+    assert drafted >= samples / 2  # the drafter did propose, so verification was exercised
+    assert chi2_pvalue([counts[c] for c in cells], [exact[c] for c in cells]) > 1e-3
+
+
+class MetaVerifier:
+    """A fake by necessity (no second device here): a verifier whose logits live on the
+    ``meta`` device, to check that the router builds every tensor of a round where the
+    logits are, and samples with a generator of that device."""
+
+    name, max_context, forward_passes, last_transport = "meta", 512, 0, None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    async def start(self, prompt_ids):
+        return self
+
+    async def score(self, draft):
+        return torch.empty(len(draft) + 1, self.vocab_size, device="meta")
+
+    def extend(self, tokens):
+        pass
+
+    async def close(self):
+        pass
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("drafter_name", ["bad", "ngram"])
+def test_every_tensor_of_a_round_lives_on_the_logits_device(temperature, drafter_name, drafters, tiny_tokenizer,
+                                                            monkeypatch):
+    import kernels
+    from kernels.reference import VerificationResult
+
+    seen = []
+
+    def recording_verify(draft_tokens, draft_lens, target_probs, draft_probs=None, generator=None, **kw):
+        seen.append((draft_tokens, draft_lens, target_probs, draft_probs, generator, kw))
+        k = draft_tokens.shape[1]  # meta tensors hold no values: accept k placeholder tokens
+        return VerificationResult(tokens=torch.full((1, k + 1), 7), num_accepted=torch.tensor([k]))
+
+    class DeviceGenerator:  # torch has no generator for `meta`: record which device was asked for
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    real_on = Generators.on
+    monkeypatch.setattr(
+        Generators, "on", lambda self, d: DeviceGenerator(d) if torch.device(d).type == "meta" else real_on(self, d)
+    )
+    monkeypatch.setattr(kernels, "verify_drafts", recording_verify)
+    drafter = drafters[drafter_name]
+    router = SpeculativeRouter(MetaVerifier(drafter.vocab_size), drafter, tiny_tokenizer)
+    ids = tiny_tokenizer.encode(PROMPTS[5])
+    generate(router, ids, SamplingParams(max_tokens=12, temperature=temperature, seed=0, ignore_eos=True))
+    assert seen
+    for draft_tokens, draft_lens, target, q, generator, kw in seen:
+        assert {t.device.type for t in (draft_tokens, draft_lens, target) if t is not None} == {"meta"}
+        assert kw.get("greedy", False) == (temperature == 0.0)
+        if temperature == 0.0:
+            assert q is None and generator is None
+        else:
+            assert generator.device.type == "meta"
+            if drafter_name == "ngram":  # deterministic proposal: no dense one-hot q
+                assert q is None
+            elif draft_tokens.shape[1] > 0:
+                assert q.device.type == "meta" and q.shape == (1, draft_tokens.shape[1], drafter.vocab_size)

@@ -21,7 +21,7 @@ def test_greedy_accepts_matching_prefix_then_corrects():
         for i, t in enumerate(ids):
             target[b, i, t] = 1.0
     drafts = torch.tensor([[1, 2, 0], [5, 0, 0]])
-    out = verify_drafts(drafts, torch.tensor([3, 3]), target)
+    out = verify_drafts(drafts, torch.tensor([3, 3]), target, greedy=True)
     assert out.num_accepted.tolist() == [2, 3]
     assert out.tokens.tolist() == [[1, 2, 3, PAD], [5, 0, 0, 2]]  # correction 3; bonus 2
 
@@ -31,7 +31,7 @@ def test_greedy_respects_draft_lengths_including_zero():
     target = torch.zeros(3, 3, V)
     target[..., 1] = 1.0  # argmax 1 everywhere
     drafts = torch.tensor([[1, 1], [1, 1], [1, 1]])
-    out = verify_drafts(drafts, torch.tensor([0, 1, 2]), target)
+    out = verify_drafts(drafts, torch.tensor([0, 1, 2]), target, greedy=True)
     assert out.num_accepted.tolist() == [0, 1, 2]
     assert out.tokens.tolist() == [[1, PAD, PAD], [1, 1, PAD], [1, 1, 1]]
 
@@ -120,3 +120,18 @@ def test_bad_inputs_raise_clear_errors(mutate, match):
     mutate(args)
     with pytest.raises(ValueError, match=match):
         verify_drafts(**args, backend="torch")
+
+
+def test_point_mass_drafts_emit_the_target_distribution_exactly():
+    """A deterministic draft (q one-hot, never materialised): the first emitted token
+    follows p_0 exactly, whichever token was drafted, and the draft is accepted with
+    probability p_0(draft)."""
+    g = torch.Generator().manual_seed(3)
+    V, K, B = 5, 2, 40_000
+    p = _probs([[5, 1, 1, 2, 1], [1, 1, 6, 1, 1], [2, 2, 2, 2, 2]])  # [K+1, V]
+    drafts = torch.tensor([[3, 2]]).expand(B, K).contiguous()  # always propose 3, then 2
+    out = verify_drafts(drafts, torch.full((B,), K), p.expand(B, K + 1, V), None, g)
+    first = torch.bincount(out.tokens[:, 0], minlength=V).numpy()
+    assert chi2_pvalue(first, p[0]) > 1e-3, first
+    accept_rate = (out.num_accepted > 0).float().mean().item()
+    assert abs(accept_rate - p[0, 3].item()) < 0.01

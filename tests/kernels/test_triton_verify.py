@@ -211,8 +211,8 @@ def assert_valid_sample(batch: Batch, res: reference.VerificationResult) -> None
 @given(batch=batches(), config=launch_configs, mode=st.sampled_from(["full", "touched"]))
 def test_greedy_matches_reference_exactly(batch, config, mode):
     block_v, splits = config
-    want = reference.verify_drafts(*batch.args(greedy=True))
-    got = tv.verify_drafts_triton(*batch.args(greedy=True), nan_check=mode, block_v=block_v, num_splits=splits)
+    want = reference.verify_drafts(*batch.args(greedy=True), greedy=True)
+    got = tv.verify_drafts_triton(*batch.args(greedy=True), greedy=True, nan_check=mode, block_v=block_v, num_splits=splits)
     assert_same(got, want)
 
 
@@ -295,8 +295,8 @@ def test_edge_cases(name):
     build, certain = EDGE_CASES[name]
     batch = build()
     assert_same(
-        tv.verify_drafts_triton(*batch.args(greedy=True), block_v=16, num_splits=2),
-        reference.verify_drafts(*batch.args(greedy=True)),
+        tv.verify_drafts_triton(*batch.args(greedy=True), greedy=True, block_v=16, num_splits=2),
+        reference.verify_drafts(*batch.args(greedy=True), greedy=True),
     )
     for seed in range(3):
         assert_same(
@@ -309,7 +309,7 @@ def test_edge_cases(name):
             assert got.num_accepted.tolist() == certain
     if name == "one_hot_p":
         # A one-hot target leaves nothing to chance: the sampler emits the greedy result.
-        greedy = reference.verify_drafts(*batch.args(greedy=True))
+        greedy = reference.verify_drafts(*batch.args(greedy=True), greedy=True)
         assert_same(tv.verify_drafts_triton(*batch.args(), generator=_gen(0)), greedy)
     if name == "empty_residual_falls_back_to_p":
         got = tv.verify_drafts_triton(*batch.args(), generator=_gen(0))
@@ -325,18 +325,18 @@ def test_greedy_ties_and_infinities_pick_the_first_maximum():
     # row 1: all -inf everywhere -> index 0, like torch.argmax
     drafts = torch.tensor([[3, 20], [0, 5]], device=DEVICE)
     lens = torch.tensor([2, 2], device=DEVICE)
-    want = reference.verify_drafts(drafts, lens, p)
+    want = reference.verify_drafts(drafts, lens, p, greedy=True)
     assert want.tokens.tolist() == [[3, 20, 39], [0, 0, -1]]
     for block_v, splits in [(None, None), (16, 1), (16, 3)]:
-        assert_same(tv.verify_drafts_triton(drafts, lens, p, block_v=block_v, num_splits=splits), want)
+        assert_same(tv.verify_drafts_triton(drafts, lens, p, greedy=True, block_v=block_v, num_splits=splits), want)
 
 
 def test_large_vocabulary():
     """V = 2**18 + 3 (>= 256k, not a power of two): loops over many blocks per row."""
     batch = make_batch(12, B=1, K=1, V=2**18 + 3, lens=[1], draft_mode="uniform")
     assert_same(
-        tv.verify_drafts_triton(*batch.args(greedy=True), nan_check="touched"),
-        reference.verify_drafts(*batch.args(greedy=True)),
+        tv.verify_drafts_triton(*batch.args(greedy=True), greedy=True, nan_check="touched"),
+        reference.verify_drafts(*batch.args(greedy=True), greedy=True),
     )
     assert_same(
         tv.verify_drafts_triton(*batch.args(), _noise=_same_noise(batch, 0), nan_check="touched", num_splits=2),
@@ -354,7 +354,7 @@ def test_strided_inputs_and_int32_ids():
     drafts = batch.draft_tokens.to(torch.int32).t().contiguous().t()
     lens = batch.draft_lens.to(torch.int32)
     assert not p.is_contiguous() and not q.is_contiguous() and not drafts.is_contiguous()
-    assert_same(tv.verify_drafts_triton(drafts, lens, p), reference.verify_drafts(drafts, lens, p))
+    assert_same(tv.verify_drafts_triton(drafts, lens, p, greedy=True), reference.verify_drafts(drafts, lens, p, greedy=True))
     assert_same(
         tv.verify_drafts_triton(drafts, lens, p, q, _noise=_same_noise(batch, 1)),
         reference.verify_drafts(drafts, lens, p, q, _gen(1)),
@@ -365,7 +365,7 @@ def test_empty_batch():
     batch = make_batch(14, B=1, K=2, V=5, lens=[2])
     empty = Batch(batch.draft_tokens[:0], batch.draft_lens[:0], batch.p[:0], batch.q[:0])
     for greedy in (True, False):
-        got = tv.verify_drafts_triton(*empty.args(greedy))
+        got = tv.verify_drafts_triton(*empty.args(greedy), greedy=greedy)
         assert got.tokens.shape == (0, 3) and got.num_accepted.shape == (0,)
 
 
@@ -574,7 +574,7 @@ BAD_INPUTS = {
     "lens_wrong_shape": lambda: _with(draft_lens=torch.tensor([3, 1, 0], device=DEVICE)),
     "lens_float": lambda: _with(draft_lens=_base().draft_lens.float()),
     "target_wrong_k": lambda: _with(target_probs=_base().p[:, :3]),
-    "target_not_float": lambda: _with(target_probs=(_base().p * 100).long(), draft_probs=None),
+    "target_not_float": lambda: _with(target_probs=(_base().p * 100).long(), draft_probs=None, greedy=True),
     "draft_probs_wrong_v": lambda: _with(draft_probs=_base().q[:, :, :7]),
     "dtype_mismatch": lambda: _with(draft_probs=_base().q.double()),
     "empty_vocab": lambda: _with(target_probs=_base().p[:, :, :0], draft_probs=_base().q[:, :, :0]),
@@ -587,7 +587,9 @@ BAD_INPUTS = {
     # NaNs where no result depends on them: the reference still rejects them.
     "target_nan_past_length": lambda: _with(target_probs=_nan_at(_base().p, (1, 3, 2))),
     "draft_probs_nan": lambda: _with(draft_probs=_nan_at(_base().q, (0, 2, 5))),
-    "greedy_target_nan": lambda: _with(target_probs=_nan_at(_base().p, (0, 1, 0)), draft_probs=None),
+    "greedy_target_nan": lambda: _with(target_probs=_nan_at(_base().p, (0, 1, 0)), draft_probs=None, greedy=True),
+    "point_mass_target_nan": lambda: _with(target_probs=_nan_at(_base().p, (1, 3, 2)), draft_probs=None),
+    "greedy_with_draft_probs": lambda: _with(greedy=True),
 }
 
 
@@ -643,7 +645,10 @@ def test_public_entry_point_dispatch(monkeypatch):
     else:
         assert len(calls) == 1
     calls.clear()
-    assert_same(kernels.verify_drafts(*batch.args(True), backend="triton"), reference.verify_drafts(*batch.args(True)))
+    assert_same(
+        kernels.verify_drafts(*batch.args(True), greedy=True, backend="triton"),
+        reference.verify_drafts(*batch.args(True), greedy=True),
+    )
     assert len(calls) == 1
     assert_same(kernels.verify_drafts(*batch.args(), generator=_gen(3), backend="torch"), want)
     with pytest.raises(ValueError, match="backend"):
@@ -672,11 +677,11 @@ def build(fn, **constexprs):
 
 build(tv._greedy_argmax_kernel, NUM_SPLITS=2, BLOCK_V=1024, ACC_DTYPE=tl.float32, FULL_NAN_CHECK=True)
 build(tv._greedy_finalize_kernel, NUM_SPLITS=2, BLOCK_K1=16, BLOCK_S=2)
-for full, ext in [(True, False), (False, True)]:
+for full, ext, point in [(True, False, False), (False, True, False), (True, False, True), (False, False, True)]:
     build(tv._sample_kernel, NUM_SPLITS=2, BLOCK_K=8, BLOCK_K1=16, BLOCK_V=1024, WIDE_DTYPE=tl.float32,
-          FULL_NAN_CHECK=full, EXTERNAL_NOISE=ext)
+          FULL_NAN_CHECK=full, EXTERNAL_NOISE=ext, POINT_MASS=point)
 build(tv._sample_kernel, NUM_SPLITS=1, BLOCK_K=8, BLOCK_K1=16, BLOCK_V=1024, WIDE_DTYPE=tl.float32,
-      FULL_NAN_CHECK=False, EXTERNAL_NOISE=False)
+      FULL_NAN_CHECK=False, EXTERNAL_NOISE=False, POINT_MASS=False)
 build(tv._sample_finalize_kernel, NUM_SPLITS=2, BLOCK_K1=16, BLOCK_S=2)
 print("compiled")
 """
@@ -695,3 +700,23 @@ def test_kernels_compile_for_a_gpu():
         [sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------
+# Deterministic drafts: a point mass at each draft, q never materialised
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_point_mass_matches_reference_bit_for_bit(seed):
+    """draft_probs=None with greedy=False: the kernels and the reference agree exactly
+    when fed the same random numbers, and equal the dense one-hot q they stand for."""
+    batch = make_batch(40 + seed, B=6, K=4, V=37, lens=[4, 3, 0, 1, 4, 2])
+    point = Batch(batch.draft_tokens, batch.draft_lens, batch.p, None)
+    one_hot = torch.nn.functional.one_hot(batch.draft_tokens.long(), 37).to(batch.p.dtype)
+    noise = _same_noise(batch, seed)
+    want = reference.verify_drafts(batch.draft_tokens, batch.draft_lens, batch.p, None, _gen(seed))
+    assert_same(tv.verify_drafts_triton(*point.args(), _noise=noise, block_v=16, num_splits=2), want)
+    assert_same(reference.verify_drafts(batch.draft_tokens, batch.draft_lens, batch.p, one_hot, _gen(seed)), want)
+    got = tv.verify_drafts_triton(*point.args(), generator=_gen(seed))
+    assert_valid_sample(Batch(batch.draft_tokens, batch.draft_lens, batch.p, one_hot), got)
