@@ -225,7 +225,8 @@ def to_json(model: BaseModel, exclude: set[str] | None = None) -> bytes:
     """A response model as wire JSON (compact, UTF-8). Text that UTF-8 cannot carry (a lone
     surrogate) falls back to ASCII escapes, as :func:`service.http.dumps` does."""
     try:
-        return model.model_dump_json(exclude=exclude).encode()
+        # The model's serializer writes bytes directly (model_dump_json would decode them to str).
+        return model.__pydantic_serializer__.to_json(model, exclude=exclude)
     except PydanticSerializationError:
         return dumps(model.model_dump(exclude=exclude))
 
