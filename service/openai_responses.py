@@ -167,8 +167,8 @@ class ResponseBuilder:
 
     @classmethod
     def for_request(cls, chat: bool, model: str, system_fingerprint: str) -> ResponseBuilder:
-        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        return cls(chat, model, system_fingerprint, request_id, int(time.time()))
+        response_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        return cls(chat, model, system_fingerprint, response_id, int(time.time()))
 
     def response(
         self, texts: Sequence[str], finish_reasons: Sequence[str | None], usage: Usage, tandem: TandemStats
@@ -242,6 +242,10 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# The error envelope is built by service.http.error_body (shared by every tandem server);
+# these models document it in /openapi.json.
 
 
 class ErrorDetail(BaseModel):

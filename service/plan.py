@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
-from service.backends import spec_options
+from service.backends import Backends, spec_options
 from service.errors import APIError, bad_request
 from service.openai_api import MAX_CHOICES, ChatCompletionRequest, CompletionRequest, TandemOptions, render_chat
 
 if TYPE_CHECKING:
-    from service.backends import Backends
     from service.config import TandemSettings
     from service.logs import RequestRecord
 
