@@ -40,6 +40,8 @@ class ChoiceSpec:
 
 @dataclass(frozen=True)
 class Plan:
+    """How a request runs: everything the job needs, decided once."""
+
     router: SpeculativeRouter  # the local core, or the same core over the split verifier
     options: SpecOptions
     mode: str  # the label in responses, logs and metrics: options.mode, or "split"
