@@ -1,8 +1,9 @@
-"""OpenAI error objects and the exception handlers that produce them.
+"""The gateway's exceptions as OpenAI errors, and the FastAPI handlers that send them.
 
 Every error the gateway returns has OpenAI's shape,
-``{"error": {"message", "type", "param", "code"}}``, so that OpenAI clients raise
-their usual exceptions (BadRequestError, AuthenticationError, ...):
+``{"error": {"message", "type", "param", "code"}}`` (the envelope of
+:mod:`service.http`, which every tandem server shares), so that OpenAI clients
+raise their usual exceptions (BadRequestError, AuthenticationError, ...):
 
 ====== ============================ ==================================================
 status type                         when
@@ -24,7 +25,6 @@ status type                         when
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -36,6 +36,7 @@ from starlette.responses import Response
 from decoding.sampling import InvalidRequestError
 from decoding.verifiers import VerifierUnavailableError
 from service.admission import QueueFullError, RequestTimeoutError, ShuttingDownError
+from service.http import error_body, json_error
 
 log = logging.getLogger("tandem.errors")
 
@@ -62,7 +63,7 @@ class APIError(Exception):
         self.reason = reason
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -98,16 +99,8 @@ def to_api_error(exc: BaseException, request_id: str | None = None) -> APIError:
     return APIError(500, f"the server had an internal error while processing the request{suffix}", "server_error")
 
 
-def dumps(obj: Any) -> bytes:
-    """JSON for the wire. Falls back to ASCII escapes for lone surrogates (which UTF-8 cannot carry)."""
-    try:
-        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    except (UnicodeEncodeError, ValueError):
-        return json.dumps(obj, ensure_ascii=True, separators=(",", ":"), default=str).encode("ascii")
-
-
 def error_response(err: APIError) -> Response:
-    return Response(dumps(err.body()), status_code=err.status, headers=err.headers, media_type="application/json")
+    return json_error(err.status, err.message, err.code, type=err.type, param=err.param, headers=err.headers)
 
 
 # -- FastAPI's validation errors -> 400 ------------------------------------------------

@@ -1,4 +1,4 @@
-"""OpenAI's request/response schema for /v1/completions and /v1/chat/completions.
+"""OpenAI's request schema for /v1/completions and /v1/chat/completions (responses: service/openai_responses.py).
 
 What is accepted (see docs/gateway.md for the full table):
 
@@ -17,9 +17,6 @@ What is accepted (see docs/gateway.md for the full table):
   silently ignored. Other unknown fields (``metadata``, ``store``, ...) are
   ignored, as vLLM does.
 
-Responses carry ``usage`` and, as an extra field that OpenAI clients ignore,
-``tandem``: the speculative statistics (draft/accepted tokens, acceptance
-rate, rounds).
 """
 
 from __future__ import annotations
@@ -277,116 +274,3 @@ def render_chat(tokenizer: Any, conversation: list[dict[str, str]]) -> tuple[str
     if not isinstance(text, str):  # pragma: no cover - tokenize=False returns text
         raise APIError(500, "the chat template did not render to text", "server_error")
     return text, not own
-
-
-# -- responses -------------------------------------------------------------------------
-# Declared for the OpenAPI document; the handlers build the same shapes as dicts.
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class TandemStats(BaseModel):
-    mode: str
-    rounds: int
-    draft_tokens: int
-    accepted_tokens: int
-    acceptance_rate: float | None
-    mean_accepted_per_round: float | None
-    verifier_forward_passes: int
-    drafter_forward_passes: int
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[CompletionChoice]
-    usage: Usage | None
-    tandem: TandemStats | None = None
-
-
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[ChatChoice]
-    usage: Usage
-    tandem: TandemStats | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
-
-
-def stats_dict(mode: str, stats_list: list[Any]) -> dict[str, Any]:
-    """Aggregate per-choice GenerationStats into the response's ``tandem`` object."""
-    rounds = sum(s.rounds for s in stats_list)
-    draft = sum(s.draft_tokens for s in stats_list)
-    accepted = sum(s.accepted_tokens for s in stats_list)
-    return {
-        "mode": mode,
-        "rounds": rounds,
-        "draft_tokens": draft,
-        "accepted_tokens": accepted,
-        "acceptance_rate": accepted / draft if draft else None,
-        "mean_accepted_per_round": accepted / rounds if rounds else None,
-        "verifier_forward_passes": sum(s.verifier_forward_passes for s in stats_list),
-        "drafter_forward_passes": sum(s.drafter_forward_passes for s in stats_list),
-        # "drafter-only" when the verifier failed mid-request and the configured fallback finished it.
-        "fallback": next((s.fallback for s in stats_list if s.fallback), None),
-    }
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }

@@ -44,7 +44,7 @@ class FaultyVerifierForTest:
         return self
 
     forward_passes = 0
-    last_transport = None
+    last_transport = None  # in process: nothing crosses a network
 
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         self.calls += 1

@@ -1,0 +1,106 @@
+"""Server-Sent Events: a job's chunks as OpenAI streams them, and the response that sends them.
+
+``data: {json}\\n\\n`` per chunk, ``data: [DONE]\\n\\n`` at the end. An error after
+the first chunk is sent as ``data: {"error": {...}}`` followed by ``[DONE]``
+(the stream is already 200 by then); the ``openai`` client raises it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from decoding.speculative import Chunk
+from service.errors import APIError, to_api_error
+from service.http import dumps
+from service.jobs import ABORT, CHUNK, DONE, ClientGone, Job
+from service.openai_responses import ResponseBuilder, TandemStats, Usage, to_json
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+def event(data: bytes) -> bytes:
+    """One Server-Sent Event carrying ``data`` (JSON, which has no raw newlines)."""
+    return b"data: " + data + b"\n\n"
+
+
+class EventStreamResponse(Response):
+    """``text/event-stream`` from an async iterator of ready-made events.
+
+    Closes the job whatever happens, so the generation and its slot never
+    outlive the response.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, job: Job, body: AsyncIterator[bytes], headers: dict[str, str] | None = None):
+        self.job = job
+        self.body_iterator = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for data in self.body_iterator:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away
+            pass
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            self.job.close()
+
+
+async def stream_events(
+    job: Job, first: tuple[str, int, Any], reply: ResponseBuilder, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """OpenAI's streaming chunks for ``job``, starting with the already-received ``first`` event.
+
+    One chunk per round that produced text, per choice; the chunk that finishes
+    a choice carries its finish reason and ``tandem`` statistics.
+    """
+    # Without include_usage, OpenAI's chunks have no "usage" key at all (with it: null until the last).
+    exclude = None if include_usage else {"usage"}
+    mode = job.plan.mode
+    if reply.chat:  # OpenAI opens every chat choice with the assistant role
+        for c in job.choices:
+            yield event(to_json(reply.role_chunk(c.index), exclude))
+    kind, index, payload = first
+    while kind != DONE:
+        if kind == CHUNK:
+            c: Chunk = payload
+            if c.finish_reason is not None:
+                stats = TandemStats.of(mode, [c.stats])
+                yield event(to_json(reply.chunk(index, c.text, c.finish_reason, stats), exclude))
+            elif c.text:
+                yield event(to_json(reply.chunk(index, c.text), exclude))
+        else:
+            if not (kind == ABORT and payload in ("disconnect", "closed")):
+                err = _error_of(kind, payload, job.record.request_id)
+                job.record.error = err
+                yield event(dumps(err.body()))
+            yield DONE_EVENT
+            return
+        kind, index, payload = await job.next_event()
+    if job.gw.settings.log_prompts:
+        job.record.output = job.outputs
+    if include_usage:
+        usage = Usage.of(job.prompt_tokens, job.completion_tokens)
+        yield event(to_json(reply.usage_chunk(usage, TandemStats.of(mode, job.choice_stats))))
+    yield DONE_EVENT
+
+
+def _error_of(kind: str, payload: Any, request_id: str) -> APIError:
+    """The error event for an ERROR or ABORT event of the job."""
+    try:
+        Job.raise_for(kind, payload)
+    except ClientGone:
+        return APIError(499, "client closed the request", code="client_closed")
+    except Exception as exc:
+        return to_api_error(exc, request_id)
+    return APIError(500, "unknown event", "server_error")  # pragma: no cover
