@@ -12,8 +12,9 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from service.cli import FLAG_ALIASES, build_parser, main, render_default, settings_from_args
+from service.cli import build_parser, main
 from service.config import GatewaySettings, SplitWorkerSettings, TandemSettings
+from service.setting_flags import FLAG_ALIASES, render_default, settings_from_args
 
 
 def tandem(*args: str) -> subprocess.CompletedProcess:
@@ -131,7 +132,7 @@ def parse_settings(command: str, argv: list[str], env: dict[str, str], file: dic
         monkeypatch.setenv(key, value)
     path = tmp_path / "tandem.yaml"
     path.write_text(yaml.safe_dump(file))
-    required = ["--model", "m", "--layers", "1:"] if command == "split-worker" else []
+    required = {"split-worker": ["--model", "m", "--layers", "1:"], "generate": ["--prompt", "x"]}.get(command, [])
     return settings_from_args(build_parser().parse_args([command, *required, *argv, "--config", str(path)]))
 
 
