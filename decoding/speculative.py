@@ -32,11 +32,10 @@ import kernels
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
 from decoding.events import RoundEvent
+from decoding.modes import MODES, Mode
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
 from decoding.verifiers import Verifier, VerifierUnavailableError
 
-Mode = Literal["speculative", "verifier-only", "drafter-only"]
-MODES: tuple[str, ...] = ("speculative", "verifier-only", "drafter-only")
 MAX_DRAFT_TOKENS = 32
 
 

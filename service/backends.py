@@ -12,7 +12,7 @@ from decoding.default_models import default_pair
 from decoding.drafters import Drafter, HFDrafter, NgramDrafter
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier, Verifier
-from service.config import TandemSettings
+from service.config import DecodingSettings, TandemSettings
 
 
 @dataclass
@@ -33,13 +33,14 @@ class Backends:
             await self.drafter.aclose()
 
 
-def spec_options(settings: TandemSettings) -> SpecOptions:
+def spec_options(decoding: DecodingSettings) -> SpecOptions:
+    """The server-wide decoding defaults (a TandemSettings, or its DecodingSettings alone)."""
     return SpecOptions(
-        mode=settings.mode,
-        num_draft_tokens=settings.num_draft_tokens,
-        min_draft_tokens=settings.min_draft_tokens,
-        max_draft_tokens=settings.max_draft_tokens,
-        adaptive=settings.adaptive_draft,
+        mode=decoding.mode,
+        num_draft_tokens=decoding.num_draft_tokens,
+        min_draft_tokens=decoding.min_draft_tokens,
+        max_draft_tokens=decoding.max_draft_tokens,
+        adaptive=decoding.adaptive_draft,
     )
 
 

@@ -11,44 +11,25 @@ import asyncio
 import json
 import sys
 
-from service.config import ConfigError, TandemSettings
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML or TOML settings file (TANDEM_* env vars override it)")
-    p.add_argument(
-        "--verifier",
-        metavar="DIR|URL",
-        help="verifier model directory, or http://host:port of a vLLM/tandem verifier (default: the demo pair)",
-    )
-    p.add_argument("--drafter", metavar="DIR|ngram", help="drafter model directory, or 'ngram' (default: the demo pair)")
-    p.add_argument("--device", help="torch device for in-process models (default: cpu)")
-    p.add_argument("--torch-threads", type=int, metavar="N",
-                   help="torch intra-op threads for in-process models (default: torch's choice, one per core)")
-
-
-def _add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=["speculative", "verifier-only", "drafter-only"], help="decoding mode")
-    p.add_argument("--num-draft-tokens", type=int, metavar="K", help="initial draft length k")
-    p.add_argument("--min-draft-tokens", type=int, metavar="K", help="lower bound of the adaptive draft length")
-    p.add_argument("--max-draft-tokens", type=int, metavar="K", help="upper bound of the adaptive draft length")
-    p.add_argument("--no-adaptive", dest="adaptive_draft", action="store_const", const=False, help="keep k fixed")
-
-
-def _settings(args: argparse.Namespace, *names: str) -> TandemSettings:
-    overrides = {n: getattr(args, n, None) for n in names}
-    return TandemSettings.load(getattr(args, "config", None), **overrides)
-
-
-MODEL_SETTINGS = ("verifier", "drafter", "device", "torch_threads")
-DECODING_SETTINGS = ("mode", "num_draft_tokens", "min_draft_tokens", "max_draft_tokens", "adaptive_draft")
+from service.config import (
+    ConfigError,
+    DecodingSettings,
+    GatewaySettings,
+    LoggingSettings,
+    ModelSettings,
+    SplitEdgeSettings,
+    SplitWorkerSettings,
+    TorchSettings,
+    VLLMClientSettings,
+)
+from service.setting_flags import add_settings, settings_from_args
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from decoding.sampling import SamplingParams
     from service.backends import build_backends
 
-    settings = _settings(args, *MODEL_SETTINGS, *DECODING_SETTINGS)
+    settings = settings_from_args(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -98,9 +79,7 @@ def cmd_models_build_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
-    names += ("model_name", "api_keys", "request_timeout_s", "shutdown_grace_s", "default_max_tokens", "log_level")
-    settings = _settings(args, *names)  # before the heavy imports: a bad setting fails in a blink
+    settings = settings_from_args(args)  # before the heavy imports: a bad setting fails in a blink
 
     from service.server import serve
 
@@ -108,12 +87,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_split_worker(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)  # before the heavy imports: a bad setting fails in a blink
+
     import torch
 
     from decoding.partition import parse_layers
     from service.split_worker.app import run_worker
 
-    settings = _settings(args, "device")
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     token = settings.split_token.get_secret_value() if settings.split_token else None
@@ -123,10 +103,10 @@ def cmd_split_worker(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         token=token,
-        session_ttl_s=args.session_ttl if args.session_ttl is not None else settings.split_session_ttl_s,
-        max_kv_bytes=args.max_kv_bytes if args.max_kv_bytes is not None else settings.split_max_kv_bytes,
-        max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else settings.split_max_body_bytes,
-        dtype=getattr(torch, args.dtype or settings.dtype),
+        session_ttl_s=settings.split_session_ttl_s,
+        max_kv_bytes=settings.split_max_kv_bytes,
+        max_body_bytes=settings.split_max_body_bytes,
+        dtype=getattr(torch, settings.dtype),
         device=settings.device,
         log_level=settings.log_level,
     )
@@ -144,6 +124,11 @@ def cmd_load(args: argparse.Namespace) -> int:
     return load_main(args.load_args, prog="tandem load")
 
 
+# -- the parser: one function per subcommand ---------------------------------------------------------------------
+
+Subparsers = argparse._SubParsersAction
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tandem",
@@ -151,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Greedy output is token-identical to the verifier alone; sampled output has its exact distribution.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_generate, add_serve, add_split_worker, add_split, add_verifier, add_load, add_models):
+        add(sub)
+    return parser
 
+
+def add_generate(sub: Subparsers) -> None:
     g = sub.add_parser(
         "generate",
         help="generate a completion for one prompt",
@@ -167,38 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     g.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
     g.add_argument("--quiet", action="store_true", help="no statistics line on stderr")
-    _add_model_args(g)
-    _add_decoding_args(g)
+    add_settings(g, ModelSettings, TorchSettings, DecodingSettings, VLLMClientSettings)
     g.set_defaults(func=cmd_generate)
 
+
+def add_serve(sub: Subparsers) -> None:
     s = sub.add_parser(
         "serve",
         help="run the OpenAI-compatible gateway",
-        description="Serve /v1/completions and /v1/chat/completions (OpenAI-compatible), /health, /ready, /metrics. "
-        "Every setting can also come from TANDEM_* environment variables or --config FILE.",
+        description="Serve /v1/completions and /v1/chat/completions (OpenAI-compatible), /health, /ready, /metrics.",
     )
-    _add_model_args(s)
-    _add_decoding_args(s)
-    s.add_argument("--host", help="bind address (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default: 8000)")
-    s.add_argument("--max-concurrency", type=int, help="generations running at once (default: 4)")
-    s.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (default: 16)")
-    s.add_argument("--log-json", action="store_const", const=True, help="JSON-lines logs")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default: info)")
-    s.add_argument("--model-name", help="model id served on /v1/models and expected in requests (default: tandem)")
-    s.add_argument(
-        "--api-key", dest="api_keys", action="append", metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; prefer TANDEM_API_KEYS=k1,k2: "
-        "arguments are visible to other local users)",
+    add_settings(
+        s, ModelSettings, TorchSettings, DecodingSettings, VLLMClientSettings, SplitEdgeSettings, GatewaySettings,
+        LoggingSettings,
     )  # fmt: skip
-    s.add_argument("--request-timeout", dest="request_timeout_s", type=float, metavar="S",
-                   help="per-request timeout in seconds, queueing included (default: 300)")  # fmt: skip
-    s.add_argument("--shutdown-grace", dest="shutdown_grace_s", type=float, metavar="S",
-                   help="on SIGTERM, seconds in-flight requests may finish before being cut off (default: 10)")  # fmt: skip
-    s.add_argument("--default-max-tokens", type=int, metavar="N",
-                   help="max_tokens of requests that set none (default: 16 for completions, context end for chat)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
+
+def add_split_worker(sub: Subparsers) -> None:
     w = sub.add_parser(
         "split-worker",
         help="serve the middle layers of a model for split inference",
@@ -211,14 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the decoder layers this worker runs, a < b ('1:' = from layer 1 to the end, '1:-1' = all but the last)")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
     w.add_argument("--port", type=int, default=8100, help="port (default: 8100)")
-    w.add_argument("--session-ttl", type=float, metavar="S", help="evict sessions idle this long (default: 300)")
-    w.add_argument("--max-kv-bytes", type=int, metavar="N", help="bound on all sessions' KV caches (default: 1 GiB)")
-    w.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request accepted (default: 64 MiB)")
-    w.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default: the dtype setting)")
-    w.add_argument("--device", help="torch device (default: cpu)")
-    w.add_argument("--config", metavar="FILE", help="YAML or TOML settings file")
+    add_settings(w, SplitWorkerSettings, TorchSettings)
     w.set_defaults(func=cmd_split_worker)
 
+
+def add_split(sub: Subparsers) -> None:
     sp = sub.add_parser("split", help="split-inference tools", description="Split-inference tools.")
     split_sub = sp.add_subparsers(dest="split_command", required=True, metavar="TOOL")
     a = split_sub.add_parser(
@@ -245,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", default="runs/split-audit", metavar="DIR", help="output directory (default: runs/split-audit)")
     a.set_defaults(func=cmd_split_audit)
+
+
+def add_verifier(sub: Subparsers) -> None:
+    # Listed for --help only: main() forwards `tandem verifier ...` whole, vLLM's own flags unchanged.
     sub.add_parser(
         "verifier",
         help="run the large model in vLLM with tandem's verify route (tandem verifier --model DIR [vllm flags])",
@@ -252,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         "passed to vLLM's `serve` unchanged. See tandem verifier --help and docs/vllm-verifier.md.",
         add_help=False,
     )
+
+
+def add_load(sub: Subparsers) -> None:
     ld = sub.add_parser(
         "load",
         help="load-test an OpenAI-compatible server (vllm bench serve's definitions)",
@@ -261,8 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ld.add_argument("load_args", nargs=argparse.REMAINDER)
     ld.set_defaults(func=cmd_load)
+
+
+def add_models(sub: Subparsers) -> None:
     m = sub.add_parser("models", help="model tools", description="Build and inspect the project's own models.")
     models_sub = m.add_subparsers(dest="models_command", required=True, metavar="TOOL")
+    add_models_build_demo(models_sub)
+
+
+def add_models_build_demo(models_sub: Subparsers) -> None:
     b = models_sub.add_parser(
         "build-demo",
         help="rebuild the demo drafter/verifier pair from scratch",
@@ -294,7 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_models_build_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

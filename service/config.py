@@ -3,27 +3,54 @@
 Sources, highest priority first: explicit values (CLI flags), ``TANDEM_*``
 environment variables, a YAML or TOML file (``tandem serve --config FILE``),
 then the defaults below. Invalid values fail at start with the setting named.
+
+Every setting is declared once, as a field of the settings group of its
+concern (:class:`ModelSettings`, :class:`TorchSettings`,
+:class:`DecodingSettings`, :class:`VLLMClientSettings`,
+:class:`SplitEdgeSettings`, :class:`SplitWorkerSettings`,
+:class:`GatewaySettings`, :class:`LoggingSettings`). A group is a plain
+pydantic model; :class:`TandemSettings` inherits all of them, so every
+setting stays flat: one attribute ``settings.max_concurrency``, one variable
+``TANDEM_MAX_CONCURRENCY``, one file key ``max_concurrency``. Everything
+else is derived from the fields: the CLI flags (``service.cli``: name, type,
+choices, help and the default shown), the env names, the validation.
+
+Code that needs one concern types its parameter as that group:
+``TandemSettings`` is an instance of every group, so it can be passed as is,
+and ``settings.group(SplitWorkerSettings)`` returns the slice alone, as its
+own validated model. The groups partition the fields: each setting belongs
+to exactly one.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
+
+from decoding.modes import Mode
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the setting."""
 
 
-class TandemSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="forbid", validate_default=True)
+class SettingsGroup(BaseModel):
+    """The settings of one concern. The first line of a group's docstring titles its flags in ``--help``."""
 
-    # -- models and backends ----------------------------------------------------
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSettings(SettingsGroup):
+    """Models.
+
+    Which verifier and drafter to load (in-process or behind a URL).
+    """
+
     verifier: str | None = Field(
         None, description="Verifier: a local model directory, or http(s)://host:port of a tandem verifier / vLLM server. "
         "Default: the shipped demo pair."
@@ -31,45 +58,98 @@ class TandemSettings(BaseSettings):
     drafter: str | None = Field(
         None, description="Drafter: a local model directory, or 'ngram' for prompt lookup. Default: the demo pair's drafter."
     )
-    tokenizer: str | None = Field(None, description="Tokenizer directory; default: the drafter's (or the verifier's).")
-    model_name: str = Field("tandem", description="Model id served on /v1/models and accepted in requests.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory. Default: the drafter's (or the verifier's).")
+
+    @property
+    def remote_verifier(self) -> bool:
+        return bool(self.verifier) and self.verifier.startswith(("http://", "https://"))
+
+
+class TorchSettings(SettingsGroup):
+    """In-process models (torch)."""
+
     device: str = Field("cpu", description="Torch device of the in-process models.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Compute dtype of the in-process models.")
     torch_threads: int | None = Field(
-        None, ge=1, description="Torch intra-op threads of the in-process models (default: torch's choice, one per "
-        "core). Models of a few million parameters run faster on 1: see BENCHMARKS.md.",
+        None, ge=1, description="Torch intra-op threads of the in-process models. Default: torch's choice, one per "
+        "core. Models of a few million parameters run faster on 1: see BENCHMARKS.md.",
     )
-    kernel_backend: Literal["auto", "triton", "torch"] = "auto"
 
-    # -- decoding defaults (per request overridable through the `tandem` object) --
-    mode: Literal["speculative", "verifier-only", "drafter-only"] = "speculative"
-    num_draft_tokens: int = Field(4, ge=1, le=32)
-    min_draft_tokens: int = Field(1, ge=1, le=32)
-    max_draft_tokens: int = Field(8, ge=1, le=32)
-    adaptive_draft: bool = True
+
+class DecodingSettings(SettingsGroup):
+    """Decoding.
+
+    Server-wide defaults; a request may override mode and draft lengths in its tandem object.
+    """
+
+    mode: Mode = Field(
+        "speculative", description="'speculative': the drafter proposes, the verifier decides; 'verifier-only': the "
+        "verifier alone; 'drafter-only': the drafter alone, unverified."
+    )
+    num_draft_tokens: int = Field(4, ge=1, le=32, description="Draft length k of the first round.")
+    min_draft_tokens: int = Field(1, ge=1, le=32, description="Lower bound of the adaptive draft length.")
+    max_draft_tokens: int = Field(8, ge=1, le=32, description="Upper bound of the adaptive draft length.")
+    adaptive_draft: bool = Field(True, description="Adapt k to the recent acceptance; off: k stays fixed.")
     draft_cost_ratio: float | None = Field(
-        None, ge=0, description="Drafter step cost / verifier pass cost; default: ratio of parameter counts."
+        None, ge=0, description="Drafter step cost / verifier pass cost. Default: the ratio of parameter counts."
+    )
+    kernel_backend: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="Kernel of the acceptance step; 'auto': Triton on CUDA tensors, torch elsewhere."
     )
 
-    # -- remote verifier (vLLM) ---------------------------------------------------
-    verifier_timeout_s: float = Field(10.0, gt=0)
-    verifier_retries: int = Field(2, ge=0, le=10)
+    @model_validator(mode="after")
+    def _check_bounds(self) -> DecodingSettings:
+        if not self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens:
+            raise ValueError(
+                "draft lengths must satisfy min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
+                f"{self.min_draft_tokens} <= {self.num_draft_tokens} <= {self.max_draft_tokens}"
+            )
+        return self
+
+
+class VLLMClientSettings(SettingsGroup):
+    """Remote verifier (verifier = http://...).
+
+    How tandem talks to a `tandem verifier` or stock vLLM server (decoding/backends/vllm_client.py).
+    """
+
+    verifier_timeout_s: float = Field(10.0, gt=0, description="Timeout of one verify round, in seconds.")
+    verifier_retries: int = Field(2, ge=0, le=10, description="Retries of a failed verify round.")
     verifier_backoff_s: float = Field(0.1, ge=0, description="First retry delay; doubles per retry, with jitter.")
-    verifier_api_key: SecretStr | None = Field(None, description="Bearer key of the verifier server, if it has one.")
+    verifier_api_key: SecretStr | None = Field(
+        None, description="Bearer key of the verifier server. Default: none (a server without auth)."
+    )
     verifier_fallback: Literal["none", "drafter-only"] = Field(
         "none", description="On an unavailable verifier: fail with 503 ('none') or finish the request drafter-only."
     )
-    verifier_top_logprobs: int = Field(20, ge=1, le=1024)
-    verifier_api: Literal["tandem", "stock"] = "tandem"
+    verifier_top_logprobs: int = Field(
+        20, ge=1, le=1024, description="K, logprobs per verified position; sampling is exact for request top_k <= K."
+    )
+    verifier_api: Literal["tandem", "stock"] = Field(
+        "tandem", description="'tandem': a server started with `tandem verifier`; 'stock': any vLLM /v1/completions "
+        "(recomputes the whole context every round: see docs/vllm-verifier.md)."
+    )
 
-    # -- split inference (decoding/backends/split_edge.py, docs/split-inference.md) ----------------
-    split_worker_url: str | None = Field(None, description="http(s)://host:port of the tandem split worker holding the body.")
-    split_model: str | None = Field(None, description="Model directory split at split_layers; default: the local verifier.")
+
+class SplitEdgeSettings(SettingsGroup):
+    """Split inference, edge side.
+
+    The gateway runs a model's first and last layers and a split worker the middle ones
+    (decoding/backends/split_edge.py, docs/split-inference.md).
+    """
+
+    split_worker_url: str | None = Field(
+        None, description="http(s)://host:port of the tandem split worker holding the body. Default: none (no split "
+        "inference)."
+    )
+    split_model: str | None = Field(None, description="Model directory split at split_layers. Default: the local verifier.")
     split_layers: str = Field(
         "1:", pattern=r"^\d+:(-?\d+)?$",
         description="a:b; the edge runs [0,a) and [b,L), the worker [a,b). 'a:' = b is L; a negative b counts from the end.",
     )
-    split_token: SecretStr | None = Field(None, description="Shared bearer token of the split worker (TANDEM_SPLIT_TOKEN).")
+    split_token: SecretStr | None = Field(
+        None, description="Shared bearer token of the split worker. Default: none (no auth)."
+    )
     split_noise_scale: float = Field(
         0.1, ge=0, description="Gaussian noise on the uplink, relative to each hidden state's norm (0.1: the audit's "
         "recommendation for the demo pair; 0 = exact, token-identical to the unsplit model, but invertible)."
@@ -78,32 +158,50 @@ class TandemSettings(BaseSettings):
         "auto", description="Hidden-state dtype on the wire; 'auto' = the compute dtype (lossless). float16 halves "
         "the bytes of a float32 model but may flip near-tied greedy choices."
     )
-    split_timeout_s: float = Field(10.0, gt=0)
+    split_timeout_s: float = Field(10.0, gt=0, description="Timeout of one round trip to the worker, in seconds.")
     split_reconnect_s: float = Field(10.0, ge=0, description="Retry an unreachable worker this long before a 503.")
     split_policy: Literal["request", "always"] = Field(
         "request", description="'request': split when a request asks for tandem.mode='split'; 'always': every request."
     )
     split_speculative: bool = Field(True, description="Split requests draft k tokens on the edge per round trip.")
+
+
+class SplitWorkerSettings(SettingsGroup):
+    """Split worker (tandem split-worker).
+
+    Bounds of the worker process; its bearer token is split_token, shared with the edge.
+    """
+
     split_session_ttl_s: float = Field(300.0, gt=0, description="Worker: evict sessions idle this long.")
     split_max_kv_bytes: int = Field(1 << 30, ge=1, description="Worker: bound on all sessions' KV caches.")
     split_max_body_bytes: int = Field(64 << 20, ge=1024, description="Worker: largest request frame accepted.")
 
-    # -- HTTP server ------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="Bearer keys for /v1/*; empty = no auth.")
+
+class GatewaySettings(SettingsGroup):
+    """HTTP server.
+
+    The OpenAI-compatible gateway: binding, auth, admission and request limits.
+    """
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="Port.")
+    model_name: str = Field("tandem", description="Model id served on /v1/models and accepted in requests.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for /v1/*, comma-separated in TANDEM_API_KEYS; empty = no auth."
+    )
     max_concurrency: int = Field(4, ge=1, description="Generations running at once.")
     max_queue: int = Field(16, ge=0, description="Requests waiting for a slot; beyond it: 429.")
-    request_timeout_s: float = Field(300.0, gt=0)
-    shutdown_grace_s: float = Field(10.0, ge=0)
-    max_prompt_tokens: int | None = Field(None, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0, description="Per-request timeout, queueing included.")
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, how long in-flight requests may finish before being cut off."
+    )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt accepted, in tokens; longer: 400. Default: no limit but the context."
+    )
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens of a request that sets none. Default: OpenAI's, 16 for completions and "
         "up to the context end for chat; never beyond the context."
     )
-    log_json: bool = False
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_prompts: bool = Field(False, description="Log prompts and outputs. Off by default: the data is private.")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -112,18 +210,37 @@ class TandemSettings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @model_validator(mode="after")
-    def _check_bounds(self) -> TandemSettings:
-        if not self.min_draft_tokens <= self.num_draft_tokens <= self.max_draft_tokens:
-            raise ValueError(
-                "draft lengths must satisfy min_draft_tokens <= num_draft_tokens <= max_draft_tokens, got "
-                f"{self.min_draft_tokens} <= {self.num_draft_tokens} <= {self.max_draft_tokens}"
-            )
-        return self
 
-    @property
-    def remote_verifier(self) -> bool:
-        return bool(self.verifier) and self.verifier.startswith(("http://", "https://"))
+class LoggingSettings(SettingsGroup):
+    """Logging."""
+
+    log_json: bool = Field(False, description="JSON-lines logs.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_prompts: bool = Field(False, description="Log prompts and outputs. Keep it off where the data is private.")
+
+
+#: Every group, in the order of ``--help``.
+SETTINGS_GROUPS: tuple[type[SettingsGroup], ...] = (
+    ModelSettings, TorchSettings, DecodingSettings, VLLMClientSettings, SplitEdgeSettings, SplitWorkerSettings,
+    GatewaySettings, LoggingSettings,
+)  # fmt: skip
+
+G = TypeVar("G", bound=SettingsGroup)
+
+
+# pydantic collects inherited fields from the last base to the first: the groups are listed in reverse so that the
+# fields (and the errors naming them) come in SETTINGS_GROUPS order.
+class TandemSettings(
+    LoggingSettings, GatewaySettings, SplitWorkerSettings, SplitEdgeSettings, VLLMClientSettings, DecodingSettings,
+    TorchSettings, ModelSettings, BaseSettings,
+):  # fmt: skip
+    """All settings, flat: each group's fields, read from ``TANDEM_*`` variables and a config file."""
+
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="forbid", validate_default=True)
+
+    def group(self, cls: type[G]) -> G:
+        """This configuration's values of one group, as that group's model."""
+        return cls.model_validate({name: getattr(self, name) for name in cls.model_fields})
 
     @classmethod
     def load(cls, config_file: str | Path | None = None, **overrides: Any) -> TandemSettings:
