@@ -165,8 +165,8 @@ def create_app(
             )
         if hidden is None:
             raise StepError(400, "bad_tensor", "a step must carry hidden states [n, hidden_size]")
-        if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise StepError(400, "bad_tensor", f"hidden states must be float16, bfloat16 or float32, got {hidden.dtype}")
+        if hidden.dtype not in wire.DTYPE_NAMES:
+            raise StepError(400, "bad_tensor", f"hidden states must be one of {', '.join(wire.DTYPES)}, got {hidden.dtype}")
         if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != body.hidden_size:
             raise StepError(
                 400, "bad_tensor", f"hidden states must have shape [n >= 1, {body.hidden_size}], got {list(hidden.shape)}"
