@@ -3,7 +3,8 @@
 Both in-process backends (the edge drafter and the embedded verifier) sit on
 this: each request owns a :class:`CachedSequence`, which feeds only the tokens
 its cache lacks and crops the cache back to the accepted prefix after a round,
-so no round recomputes the context.
+so no round recomputes the context. The bookkeeping of that rollback is
+:class:`RollbackContext`, which the split edge's session shares.
 """
 
 from __future__ import annotations
@@ -105,35 +106,36 @@ def read_config(path: str | Path) -> dict:
     return json.loads((check_model_dir(path) / "config.json").read_text())
 
 
-def still_valid(cached: Sequence[int], start: int, tokens: Sequence[int]) -> int:
-    """How many cached positions stay valid once ``tokens`` are committed at ``start``.
+def crop_cache(cache: DynamicCache | None, length: int) -> None:
+    """Drop the cached positions from ``length`` on (keys and values of every layer)."""
+    if cache is None:
+        return
+    drop = cache.get_seq_length() - length
+    if drop > 0:
+        cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
 
-    The cache holds ``cached`` (the context plus the drafts scored last round); the
-    drafts that the committed tokens confirm keep their keys and values.
+
+class RollbackContext:
+    """A request's committed context against the tokens its KV cache(s) hold, and the rollback rule.
+
+    ``ids`` is the committed context. ``cached`` lists the tokens whose keys and
+    values the owner's caches hold: a prefix of ``ids``, then the drafts fed
+    last round. Invariant: ``cached`` agrees with ``ids`` on their common length.
+
+    The rule, in one place: :meth:`extend` commits tokens, keeps the cached
+    drafts they confirm and crops the rest; :meth:`pending` re-feeds at least the
+    last committed token, because the next distribution is read off its row.
+    Subclasses own the caches: :meth:`fed` records what they appended, and
+    :meth:`_crop_cache` is called with the length to keep whenever they must shrink.
     """
-    valid = min(start, len(cached))
-    for cached_tok, tok in zip(cached[start:], tokens):
-        if cached_tok != tok:
-            break
-        valid += 1
-    return valid
 
-
-class CachedSequence:
-    """One request's context on one model, with a KV cache that can roll back.
-
-    Invariant: ``cached`` is the list of tokens whose keys/values are in
-    ``cache``, and it agrees with ``ids`` (the committed context) on their
-    common length. Tokens fed beyond ``ids`` are speculative; :meth:`extend`
-    keeps those that the committed tokens confirm and crops the rest.
-    """
-
-    def __init__(self, lm: CausalLM, prompt_ids: Sequence[int]):
-        self.lm = lm
+    def __init__(self, prompt_ids: Sequence[int]):
         self.ids: list[int] = list(prompt_ids)
         self.cached: list[int] = []
-        self.cache = DynamicCache(config=lm.model.config)
-        self.forward_passes = 0
+
+    def _crop_cache(self, length: int) -> None:
+        """Drop every cached position from ``length`` on (the owner's caches)."""
+        raise NotImplementedError
 
     def pending(self) -> list[int]:
         """Committed tokens the cache lacks; never empty, because the next
@@ -141,6 +143,37 @@ class CachedSequence:
         if len(self.cached) >= len(self.ids):
             self._crop_to(len(self.ids) - 1)
         return self.ids[len(self.cached) :]
+
+    def fed(self, tokens: Sequence[int]) -> None:
+        """Record that ``tokens`` were appended to the caches."""
+        self.cached.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """Commit ``tokens`` to the context; roll the caches back to the longest
+        prefix that is still valid (the accepted drafts)."""
+        start = len(self.ids)
+        self.ids.extend(tokens)
+        valid = min(start, len(self.cached))
+        for cached_tok, tok in zip(self.cached[start:], tokens):
+            if cached_tok != tok:
+                break
+            valid += 1
+        self._crop_to(valid)
+
+    def _crop_to(self, length: int) -> None:
+        if len(self.cached) > length:
+            self._crop_cache(length)
+            del self.cached[length:]
+
+
+class CachedSequence(RollbackContext):
+    """One request's context on one model, with a KV cache that can roll back."""
+
+    def __init__(self, lm: CausalLM, prompt_ids: Sequence[int]):
+        super().__init__(prompt_ids)
+        self.lm = lm
+        self.cache = DynamicCache(config=lm.model.config)
+        self.forward_passes = 0
 
     @torch.inference_mode()
     def feed(self, tokens: Sequence[int], keep: int = 1) -> torch.Tensor:
@@ -151,19 +184,9 @@ class CachedSequence:
         """
         input_ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.lm.device)
         out = self.lm.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
-        self.cached.extend(tokens)
+        self.fed(tokens)
         self.forward_passes += 1
         return out.logits[0].float()
 
-    def extend(self, tokens: Sequence[int]) -> None:
-        """Commit ``tokens`` to the context; roll the cache back to the longest
-        prefix that is still valid (the accepted drafts)."""
-        start = len(self.ids)
-        self.ids.extend(tokens)
-        self._crop_to(still_valid(self.cached, start, tokens))
-
-    def _crop_to(self, length: int) -> None:
-        drop = len(self.cached) - length
-        if drop > 0:
-            self.cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
-            del self.cached[length:]
+    def _crop_cache(self, length: int) -> None:
+        crop_cache(self.cache, length)

@@ -23,7 +23,7 @@ import copy
 import hashlib
 import importlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -243,15 +243,6 @@ def cache_bytes(cache: DynamicCache | None) -> int:
     return total
 
 
-def crop_cache(cache: DynamicCache | None, length: int) -> None:
-    """Drop cached tokens beyond ``length``."""
-    if cache is None:
-        return
-    drop = cache.get_seq_length() - length
-    if drop > 0:
-        cache.crop(-drop)  # transformers 5: a negative count removes that many tokens
-
-
 class _ModelSlice(nn.Module):
     """What both sides of a split know of the model: its config, the split point, its fingerprint."""
 
@@ -285,6 +276,14 @@ class BodyModel(_ModelSlice):
 
     def new_cache(self) -> DynamicCache:
         return self.stack.new_cache()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values that one position adds to a cache of this slice."""
+        cfg = self.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * (self.b - self.a) * cfg.num_key_value_heads * head_dim * itemsize
 
     def forward(self, hidden: torch.Tensor, cache: DynamicCache | None, position: int) -> torch.Tensor:
         return self.stack(hidden, cache, position)
@@ -332,17 +331,3 @@ class EdgeModel(_ModelSlice):
         hidden = self.norm(hidden[:, -keep:, :])
         return self.lm_head(hidden)[0].float()
 
-
-def full_forward(
-    edge: EdgeModel,
-    body: BodyModel | LayerStack,
-    token_ids: torch.Tensor,
-    perturb: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Cache-less split forward over one sequence [T] -> logits [T, V] (the audit's path)."""
-    with torch.inference_mode():
-        h = edge.run_head(token_ids, None, 0)
-        if perturb is not None:
-            h = perturb(h)
-        h = body(h, None, 0)
-        return edge.run_tail(h, None, 0, keep=h.shape[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -13,6 +14,9 @@ from decoding.drafters import Drafter, HFDrafter, NgramDrafter
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier, Verifier
 from service.config import DecodingSettings, TandemSettings
+
+if TYPE_CHECKING:
+    from decoding.backends.split_edge import SplitVerifier
 
 
 @dataclass
@@ -90,12 +94,46 @@ def build_backends(settings: TandemSettings) -> Backends:
     )
     split_router = None
     if settings.split_worker_url:
-        from decoding.backends.split_edge import SplitVerifier
-
-        split_verifier = SplitVerifier.from_settings(settings, tokenizer)
+        split_verifier = build_split_verifier(settings, tokenizer)
         # A split verification is a network round trip, so the drafter's cost relative to it is
         # measured, not the parameter ratio: adaptive k then grows with the RTT.
         split_router = SpeculativeRouter(
             split_verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend, measure_cost=True
         )
     return Backends(router=router, verifier=verifier, drafter=drafter, tokenizer=tokenizer, split_router=split_router)
+
+
+def build_split_verifier(settings: TandemSettings, tokenizer: PreTrainedTokenizerBase | None = None) -> SplitVerifier:
+    """The edge of split inference that the ``split_*`` settings describe (docs/split-inference.md).
+
+    The edge model is ``split_model``, else the local ``verifier`` directory, else the
+    default pair's verifier. ``tokenizer`` (optional) is checked to fit its vocabulary.
+    """
+    from decoding.backends.split_edge import SplitVerifier  # loaded only where split inference is configured
+    from decoding.partition import SplitConfigError
+
+    if not settings.split_worker_url:
+        raise SplitConfigError("split inference needs split_worker_url (TANDEM_SPLIT_WORKER_URL): the worker's http(s)://host:port")
+    path = settings.split_model
+    if path is None and settings.verifier and not settings.remote_verifier:
+        path = settings.verifier
+    if path is None:
+        path = str(default_pair()[0])
+    dtype = getattr(torch, settings.dtype)
+    verifier = SplitVerifier.from_pretrained(
+        path,
+        settings.split_worker_url,
+        settings.split_layers,
+        dtype=dtype,
+        device=settings.device,
+        token=settings.split_token.get_secret_value() if settings.split_token else None,
+        noise_scale=settings.split_noise_scale,
+        wire_dtype=dtype if settings.split_wire_dtype == "auto" else getattr(torch, settings.split_wire_dtype),
+        timeout_s=settings.split_timeout_s,
+        reconnect_s=settings.split_reconnect_s,
+    )
+    if tokenizer is not None and len(tokenizer) > verifier.vocab_size:
+        raise SplitConfigError(
+            f"tokenizer has {len(tokenizer)} tokens but the split model {path!r} has {verifier.vocab_size} logits"
+        )
+    return verifier

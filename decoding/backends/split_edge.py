@@ -11,15 +11,17 @@ runs the tail, which yields the k+1 logits rows. So with the speculative
 router (edge drafter) a round costs one round trip for up to k+1 tokens, and
 with ``verifier-only`` it is plain split decoding, one round trip per token.
 
-Rollback: ``extend`` crops the edge's head and tail caches to the accepted
-prefix; the worker's body cache is cropped by the next step's ``start``, in
-the same round trip.
+Rollback (the rule is :class:`~decoding.causal_lm.RollbackContext`'s, shared
+with the in-process backends): ``extend`` crops the edge's head and tail caches
+to the accepted prefix; the worker's body cache is cropped by the next step's
+``start``, in the same round trip.
 
 Faults: when the worker answers that it does not hold the session (it
 restarted, or evicted the session for its TTL or memory bound), the edge
 replays the session's context, sending the exact uplink rows it sent before
 (noise included, so a replay shows an observer nothing new), and continues;
-``tandem_split_replays_total`` counts it. Connection failures are retried for
+the round's :class:`~decoding.events.TransportEvent` reports it (the gateway
+exports it as ``tandem_split_replays_total``). Connection failures are retried for
 ``reconnect_s`` seconds; after that, and on any refusal, the session raises
 :class:`~decoding.verifiers.VerifierUnavailableError` (HTTP 503 at the gateway).
 """
@@ -39,11 +41,12 @@ from typing import Any
 import httpx
 import torch
 
-from decoding.causal_lm import still_valid
 from decoding import protocol as wire
-from decoding.partition import EdgeModel, SplitConfigError, crop_cache, parse_layers
+from decoding.causal_lm import RollbackContext, crop_cache
 from decoding.events import TransportEvent
+from decoding.partition import EdgeModel, SplitConfigError, parse_layers
 from decoding.verifiers import VerifierUnavailableError
+
 
 class SplitVerifier:
     """Split inference as a verifier backend: edge head and tail here, body on a split worker."""
@@ -93,7 +96,6 @@ class SplitVerifier:
             transport=transport,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-edge")
-        #: Exponential moving average of one score() (head + round trip + tail), seconds.
 
     @classmethod
     def from_pretrained(
@@ -102,44 +104,6 @@ class SplitVerifier:
     ) -> SplitVerifier:
         a, b = parse_layers(layers)
         return cls(EdgeModel(path, a, b, dtype=dtype, device=device), url, **kwargs)
-
-    @classmethod
-    def from_settings(cls, settings: Any, tokenizer: Any = None) -> SplitVerifier:
-        """Build from TandemSettings' ``split_*`` fields (see docs/split-inference.md).
-
-        The edge model is ``split_model``, else the local ``verifier`` directory,
-        else the default pair's verifier. ``tokenizer`` (optional) is checked to
-        fit the model's vocabulary.
-        """
-        if not settings.split_worker_url:
-            raise SplitConfigError("split inference needs split_worker_url (TANDEM_SPLIT_WORKER_URL): the worker's http(s)://host:port")
-        path = settings.split_model
-        if path is None and settings.verifier and not settings.remote_verifier:
-            path = settings.verifier
-        if path is None:
-            from decoding.default_models import default_pair
-
-            path = str(default_pair()[0])
-        token = settings.split_token.get_secret_value() if settings.split_token else None
-        dtype = getattr(torch, settings.dtype)
-        wire_dtype = dtype if settings.split_wire_dtype == "auto" else wire.DTYPES[settings.split_wire_dtype]
-        verifier = cls.from_pretrained(
-            path,
-            settings.split_worker_url,
-            settings.split_layers,
-            dtype=dtype,
-            device=settings.device,
-            token=token,
-            noise_scale=settings.split_noise_scale,
-            wire_dtype=wire_dtype,
-            timeout_s=settings.split_timeout_s,
-            reconnect_s=settings.split_reconnect_s,
-        )
-        if tokenizer is not None and len(tokenizer) > verifier.vocab_size:
-            raise SplitConfigError(
-                f"tokenizer has {len(tokenizer)} tokens but the split model {path!r} has {verifier.vocab_size} logits"
-            )
-        return verifier
 
     # -- Verifier protocol --------------------------------------------------------
 
@@ -192,24 +156,36 @@ class SplitVerifier:
         """
         if self.noise_scale == 0:
             return hidden
-        h = hidden.float()
-        rms = h.pow(2).mean(dim=-1, keepdim=True).sqrt()
         noise = torch.stack([
-            torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(int.from_bytes(d[:8], "little") >> 1))
+            torch.randn(hidden.shape[-1], generator=torch.Generator().manual_seed(int.from_bytes(d[:8], "little") >> 1))
             for d in digests
         ])
-        return h + self.noise_scale * rms * noise
+        return add_noise(hidden, self.noise_scale, noise)
 
 
-class SplitVerifySession:
-    """One request's split context: edge head/tail caches, the worker's session, the sent uplink."""
+def add_noise(hidden: torch.Tensor, scale: float, noise: torch.Tensor) -> torch.Tensor:
+    """The uplink's noise: hidden [..., H] + scale · rms(row) · noise [..., H], float32.
+
+    With standard normal ``noise`` each row gets N(0, (scale·rms(h))² I), a noise
+    norm of about ``scale·‖h‖``. The split audit measures this same function.
+    """
+    h = hidden.float()
+    return h + scale * h.pow(2).mean(dim=-1, keepdim=True).sqrt() * noise
+
+
+class SplitVerifySession(RollbackContext):
+    """One request's split context: edge head/tail caches, the worker's session, the sent uplink.
+
+    The rollback bookkeeping is :class:`~decoding.causal_lm.RollbackContext`'s; the
+    caches it crops are the edge's head and tail caches, the sent uplink rows and
+    their noise digests here, and the worker's body cache with the next step's ``start``.
+    """
 
     def __init__(self, verifier: SplitVerifier, prompt_ids: Sequence[int]):
+        super().__init__(prompt_ids)
         self.v = verifier
         self.edge = verifier.edge
         self.sid = secrets.token_urlsafe(18)
-        self.ids: list[int] = list(prompt_ids)
-        self.cached: list[int] = []  # tokens whose states are in the head, body and tail caches
         self.head_cache = self.edge.head.new_cache()
         self.tail_cache = self.edge.tail.new_cache()
         # The uplink rows sent for the cached tokens, exactly as sent: what a replay re-sends.
@@ -237,11 +213,10 @@ class SplitVerifySession:
             self._uplink = grown
         self._uplink[start:end] = up
 
-    def pending(self) -> list[int]:
-        """Committed tokens the caches lack; at least the last one (to get the next distribution)."""
-        if len(self.cached) >= len(self.ids):
-            self._crop_to(len(self.ids) - 1)
-        return self.ids[len(self.cached) :]
+    def _crop_cache(self, length: int) -> None:
+        crop_cache(self.head_cache, length)
+        crop_cache(self.tail_cache, length)
+        del self.digests[length:]
 
     def _head(self, tokens: list[int], start: int, digests: list[bytes]) -> torch.Tensor:
         h = self.edge.run_head(tokens, self.head_cache, start)[0]
@@ -266,25 +241,10 @@ class SplitVerifySession:
             crop_cache(self.tail_cache, start)
             raise
         self._keep_uplink(start, up)
-        self.cached.extend(feed)
-        if digests:
-            self.digests = self.digests[:start] + digests
+        self.fed(feed)
+        self.digests.extend(digests)
         self.forward_passes += 1
         return logits
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        """Commit tokens; keep the cached drafts they confirm, crop the rest (edge side now,
-        the worker's with the next step's ``start``)."""
-        start = len(self.ids)
-        self.ids.extend(tokens)
-        self._crop_to(still_valid(self.cached, start, tokens))
-
-    def _crop_to(self, length: int) -> None:
-        if len(self.cached) > length:
-            crop_cache(self.head_cache, length)
-            crop_cache(self.tail_cache, length)
-            del self.cached[length:]
-            del self.digests[length:]
 
     async def _step(self, up: torch.Tensor, start: int) -> torch.Tensor:
         """One round trip (plus a replay when the worker lost the session) -> layer-b rows [n, H].

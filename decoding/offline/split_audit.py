@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from decoding.backends.split_edge import add_noise
 from decoding.partition import CheckpointReader, LayerStack, load_config
 
 
@@ -70,11 +71,11 @@ class AuditRow:
 
 
 def perturb(hidden: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """The edge's noise (see SplitVerifier.perturb): N(0, (scale·rms(h))²) per row."""
+    """The edge's noise (:func:`~decoding.backends.split_edge.add_noise`), drawn from ``generator``
+    rather than seeded per prefix: [..., H] -> float32 [..., H]."""
     if scale == 0:
         return hidden
-    rms = hidden.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return hidden + scale * rms * torch.randn(hidden.shape, generator=generator, dtype=torch.float32)
+    return add_noise(hidden, scale, torch.randn(hidden.shape, generator=generator, dtype=torch.float32))
 
 
 # -- text ----------------------------------------------------------------------------------------

@@ -10,155 +10,55 @@ Endpoints
 A step's header names the session and ``start``, the position of its first
 row. The worker crops the session's cache to ``start`` first (this is how the
 edge rolls back rejected drafts, in the same round trip) and then appends.
-A session the worker does not hold (never seen, evicted, or the worker
-restarted) can only be started at ``start == 0``; anything else answers 409
-with code ``unknown_session`` / ``session_evicted`` / ``cache_mismatch`` and
-the edge replays the context. ``return_from`` (default ``start``) lets a
-replay send the whole context and get back only the rows it lacks.
+Which sessions the worker holds, and when it refuses a step for that, is
+:mod:`service.split_worker.sessions`. ``return_from`` (default ``start``) lets
+a replay send the whole context and get back only the rows it lacks.
 
-Sessions expire after ``session_ttl_s`` idle seconds; the caches' total size
-is bounded by ``max_kv_bytes`` (least recently used sessions are evicted to
-make room; a single session larger than the bound is refused with 413).
 With a token configured, every /v1/split/* request needs
-``Authorization: Bearer <token>`` (compared in constant time).
+``Authorization: Bearer <token>`` (:class:`service.http.APIKeys`); errors are
+the OpenAI envelope (:func:`service.http.json_error`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import re
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from transformers import DynamicCache
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from decoding import protocol as wire
-from decoding.partition import BodyModel, cache_bytes, crop_cache
+from decoding.causal_lm import crop_cache
+from decoding.partition import BodyModel
+from service.http import APIKeys, json_error
+from service.split_worker.metrics import WorkerMetrics
+from service.split_worker.sessions import KVSessionStore, StepError
 
 log = logging.getLogger("tandem.split.worker")
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-# vLLM's inter-token-latency bucket edges (ops conventions), with finer low end for a CPU body.
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
-MAX_TOMBSTONES = 10_000
-
-
-class StepError(Exception):
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status, headers=headers)
-
-
-@dataclass
-class BodySession:
-    id: str
-    cache: DynamicCache
-    last_used: float = field(default_factory=time.monotonic)
-    nbytes: int = 0
-
-    @property
-    def length(self) -> int:
-        return self.cache.get_seq_length()
-
-
-class WorkerMetrics:
-    def __init__(self, registry: CollectorRegistry):
-        self.sessions = Gauge("tandem_split_worker_sessions", "Sessions whose KV cache the worker holds", registry=registry)
-        self.kv_bytes = Gauge("tandem_split_worker_kv_cache_bytes", "Bytes held by all sessions' KV caches", registry=registry)
-        self.kv_limit = Gauge("tandem_split_worker_kv_cache_limit_bytes", "Bound on the KV caches' total size", registry=registry)
-        self.evictions = Counter(
-            "tandem_split_worker_evictions_total", "Sessions evicted, by reason (ttl, memory)", ["reason"], registry=registry
-        )
-        self.steps = Counter("tandem_split_worker_steps_total", "Steps served", registry=registry)
-        self.tokens = Counter("tandem_split_worker_tokens_total", "Positions run through the body", registry=registry)
-        self.errors = Counter("tandem_split_worker_errors_total", "Refused requests, by error code", ["code"], registry=registry)
-        self.received = Counter("tandem_split_worker_received_bytes_total", "Request frame bytes received", registry=registry)
-        self.sent = Counter("tandem_split_worker_sent_bytes_total", "Response frame bytes sent", registry=registry)
-        self.step_seconds = Histogram(
-            "tandem_split_worker_step_seconds", "Body compute time of one step", buckets=STEP_BUCKETS, registry=registry
-        )
-
-
-class SessionStore:
-    """Sessions in least-recently-used order, with tombstones saying why one is gone."""
-
-    def __init__(self, ttl_s: float, max_kv_bytes: int, metrics: WorkerMetrics):
-        self.ttl_s = ttl_s
-        self.max_kv_bytes = max_kv_bytes
-        self.metrics = metrics
-        self.sessions: OrderedDict[str, BodySession] = OrderedDict()
-        self.tombstones: OrderedDict[str, str] = OrderedDict()
-        metrics.kv_limit.set(max_kv_bytes)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sessions.values())
-
-    def publish(self) -> None:
-        self.metrics.sessions.set(len(self.sessions))
-        self.metrics.kv_bytes.set(self.total_bytes)
-
-    def evict(self, sid: str, reason: str, why: str) -> None:
-        if self.sessions.pop(sid, None) is not None:
-            self.metrics.evictions.labels(reason).inc()
-            self.tombstones[sid] = why
-            while len(self.tombstones) > MAX_TOMBSTONES:
-                self.tombstones.popitem(last=False)
-            log.info("evicted split session (%s)", reason)
-
-    def expire(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for sid in [sid for sid, s in self.sessions.items() if now - s.last_used > self.ttl_s]:
-            self.evict(sid, "ttl", f"it was idle for more than the worker's session TTL ({self.ttl_s:g} s)")
-        self.publish()
-
-    def make_room(self, keep: str, needed: int) -> None:
-        """Evict least recently used sessions (never ``keep``) until ``needed`` more bytes fit."""
-        for sid in list(self.sessions):
-            if self.total_bytes + needed <= self.max_kv_bytes:
-                break
-            if sid != keep:
-                self.evict(sid, "memory", f"the worker's KV memory bound ({self.max_kv_bytes} bytes) needed room")
-
-    def close(self, sid: str) -> bool:
-        found = self.sessions.pop(sid, None) is not None
-        self.publish()
-        return found
 
 
 def create_app(
-    body: BodyModel,
-    *,
-    token: str | None = None,
-    session_ttl_s: float = 300.0,
-    max_kv_bytes: int = 1 << 30,
-    max_body_bytes: int = 64 << 20,
+    body: BodyModel, *, token: str | None, session_ttl_s: float, max_kv_bytes: int, max_body_bytes: int
 ) -> FastAPI:
+    """The worker's app over ``body``. The limits have no defaults here: the settings
+    (``split_session_ttl_s``, ``split_max_kv_bytes``, ``split_max_body_bytes``) hold them."""
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    store = SessionStore(session_ttl_s, max_kv_bytes, metrics)
+    store = KVSessionStore(
+        ttl_s=session_ttl_s, max_kv_bytes=max_kv_bytes, kv_bytes_per_token=body.kv_bytes_per_token,
+        new_cache=body.new_cache, metrics=metrics,
+    )  # fmt: skip
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-body")
     lock = asyncio.Lock()  # one step at a time: the body runs on one thread anyway
-    cfg = body.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    itemsize = torch.empty((), dtype=body.dtype).element_size()
-    kv_bytes_per_token = 2 * (body.b - body.a) * cfg.num_key_value_heads * head_dim * itemsize
-    expected_token = token.encode() if token else None
+    keys = APIKeys([token] if token else [])
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -181,15 +81,11 @@ def create_app(
     app.state.registry = registry
 
     def authorized(request: Request) -> bool:
-        if expected_token is None:
-            return True
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), expected_token)
+        return keys.allows(request.headers.get("authorization"))
 
-    def refuse(status: int, code: str, message: str) -> JSONResponse:
+    def refuse(status: int, code: str, message: str) -> Response:
         metrics.errors.labels(code).inc()
-        return error_response(status, code, message)
+        return json_error(status, message, code)
 
     def identity() -> dict:
         return {
@@ -269,8 +165,8 @@ def create_app(
             )
         if hidden is None:
             raise StepError(400, "bad_tensor", "a step must carry hidden states [n, hidden_size]")
-        if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise StepError(400, "bad_tensor", f"hidden states must be float16, bfloat16 or float32, got {hidden.dtype}")
+        if hidden.dtype not in wire.DTYPE_NAMES:
+            raise StepError(400, "bad_tensor", f"hidden states must be one of {', '.join(wire.DTYPES)}, got {hidden.dtype}")
         if hidden.ndim != 2 or hidden.shape[0] < 1 or hidden.shape[1] != body.hidden_size:
             raise StepError(
                 400, "bad_tensor", f"hidden states must have shape [n >= 1, {body.hidden_size}], got {list(hidden.shape)}"
@@ -298,31 +194,7 @@ def create_app(
             sid, start, return_from = check_step(header, hidden)
             n = hidden.shape[0]
             async with lock:
-                store.expire()
-                session = store.sessions.get(sid)
-                if session is None:
-                    if start != 0:
-                        why = store.tombstones.get(sid)
-                        if why is not None:
-                            raise StepError(409, "session_evicted", f"session {sid} was evicted: {why}; replay from position 0")
-                        raise StepError(409, "unknown_session", f"unknown session {sid} (the worker may have restarted); replay from position 0")
-                    session = BodySession(sid, body.new_cache())
-                    store.sessions[sid] = session
-                    store.tombstones.pop(sid, None)
-                elif start > session.length:
-                    raise StepError(
-                        409, "cache_mismatch", f"session {sid} holds {session.length} positions but the step starts at {start}"
-                    )
-                store.sessions.move_to_end(sid)
-                session.last_used = time.monotonic()
-                needed = (start + n) * kv_bytes_per_token
-                if needed > max_kv_bytes:
-                    store.sessions.pop(sid, None)
-                    raise StepError(
-                        413, "kv_memory_exceeded",
-                        f"session {sid} would need {needed} bytes of KV cache; the worker's bound is {max_kv_bytes}",
-                    )
-                store.make_room(sid, needed - session.nbytes)
+                session = store.open(sid, start, n)
 
                 def run() -> torch.Tensor:
                     crop_cache(session.cache, start)
@@ -333,12 +205,10 @@ def create_app(
                 try:
                     out = await asyncio.get_running_loop().run_in_executor(executor, run)
                 except Exception:
-                    store.sessions.pop(sid, None)  # its cache may be half-updated
+                    store.discard(sid)  # its cache may be half-updated
                     raise
                 metrics.step_seconds.observe(time.perf_counter() - t0)
-                session.nbytes = cache_bytes(session.cache)
-                session.last_used = time.monotonic()
-                store.publish()
+                store.stepped(session)
             metrics.steps.inc()
             metrics.tokens.inc(n)
             frame = wire.encode({"session": sid, "start": return_from}, out.to(hidden.dtype))
@@ -352,18 +222,20 @@ def create_app(
 
 def run_worker(
     model: str,
-    layers: tuple[int, int],
+    layers: tuple[int, int | None],
     *,
-    host: str = "127.0.0.1",
-    port: int = 8100,
-    token: str | None = None,
-    session_ttl_s: float = 300.0,
-    max_kv_bytes: int = 1 << 30,
-    max_body_bytes: int = 64 << 20,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    log_level: str = "info",
+    host: str,
+    port: int,
+    token: str | None,
+    session_ttl_s: float,
+    max_kv_bytes: int,
+    max_body_bytes: int,
+    dtype: torch.dtype,
+    device: str,
+    log_level: str,
 ) -> int:
+    """``tandem split-worker``: load layers [a, b) of ``model`` and serve them until stopped.
+    Every argument is explicit: the caller (the CLI) reads them from the settings."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

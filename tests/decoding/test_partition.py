@@ -6,18 +6,17 @@ import pytest
 import torch
 
 from decoding import protocol as wire
-from decoding.partition import (
-    BodyModel,
-    EdgeModel,
-    SplitConfigError,
-    check_split,
-    crop_cache,
-    full_forward,
-    parse_layers,
-)
+from decoding.causal_lm import crop_cache
+from decoding.partition import BodyModel, EdgeModel, SplitConfigError, check_split, parse_layers
 
 L = 3  # the tiny verifier's depth
 IDS = list(range(7, 47))
+
+
+def full_forward(edge: EdgeModel, body: BodyModel, token_ids: torch.Tensor) -> torch.Tensor:
+    """Cache-less split forward over one sequence [T] -> logits [T, V] float32."""
+    h = body(edge.run_head(token_ids, None, 0), None, 0)
+    return edge.run_tail(h, None, 0, keep=h.shape[1])
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 
 It stands in for the gateway's split path, because the faults the dashboard's
 split panels show must happen on cue: it builds the edge exactly as the settings
-describe it (``SplitVerifier.from_settings``, TANDEM_SPLIT_* variables), runs
+describe it (``service.backends.build_split_verifier``, TANDEM_SPLIT_* variables), runs
 greedy speculative generations through the real router against the live
 ``tandem split-worker``, pauses once mid-generation for longer than the
 worker's session TTL (so the worker evicts the session and the edge replays
@@ -29,8 +29,8 @@ from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.drafters import HFDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
-from decoding.backends.split_edge import SplitVerifier
 from decoding.verifiers import VerifierUnavailableError
+from service.backends import build_split_verifier
 from service.config import TandemSettings
 from service.metrics import Metrics
 
@@ -40,7 +40,7 @@ PROMPTS = ["def main():\n    ", "import os\nimport sys\n\n", "class Parser:\n   
 async def traffic(pause_s: float, metrics: Metrics) -> None:
     settings = TandemSettings.load()
     tokenizer = load_tokenizer(settings.drafter)
-    verifier = SplitVerifier.from_settings(settings, tokenizer)
+    verifier = build_split_verifier(settings, tokenizer)
     drafter = HFDrafter(CausalLM(settings.drafter), cost_ratio=0.25)
     router = SpeculativeRouter(verifier, drafter, tokenizer, SpecOptions(mode="speculative", num_draft_tokens=4))
     metrics.split_sessions.set_function(lambda: verifier.open_sessions)
@@ -58,7 +58,7 @@ async def traffic(pause_s: float, metrics: Metrics) -> None:
         await verifier.aclose()
     # One step against a worker that is not there: counted as a split failure (a 503 at the gateway).
     dead = TandemSettings.load(split_worker_url="http://127.0.0.1:9", split_reconnect_s=0, split_timeout_s=2)
-    broken = SplitVerifier.from_settings(dead, tokenizer)
+    broken = build_split_verifier(dead, tokenizer)
     try:
         session = await broken.start(tokenizer.encode(PROMPTS[0]))
         try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import torch
 
@@ -39,3 +41,14 @@ def test_audit_cli_reports_recovery_and_utility(tiny_verifier_dir, tmp_path):
     assert (out / "audit.png").stat().st_size > 10_000
     assert "| a | noise |" in (out / "audit.md").read_text()
     assert report["recommendation"]["agreement"] >= 0.95
+
+
+def test_the_serving_path_never_imports_the_audit():
+    """The audit (attackers, matplotlib) is an offline tool: neither the gateway, nor the split edge,
+    nor the split worker loads it."""
+    code = (
+        "import sys, service.app, service.backends, service.split_worker.app, decoding.backends.split_edge; "
+        "print(sorted(m for m in sys.modules if m.startswith('decoding.offline.split_audit') or m == 'matplotlib'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -18,6 +18,8 @@ from decoding.backends.split_edge import SplitVerifier
 from decoding.partition import EdgeModel, model_fingerprint
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from service.metrics import Metrics
+from service.split_worker.metrics import WorkerMetrics
+from service.split_worker.sessions import KVSessionStore, StepError
 from tests.support.split import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
 
 PROMPTS = ["def main():", "import os\nimport sys\n", "class Foo(Bar):\n    def __init__(self", "x = [i * i for i in range("]
@@ -139,6 +141,34 @@ def test_split_speculative_is_token_identical_to_split_plain(
         assert tokens / rounds > 3  # several tokens per network round trip
     else:
         assert sum(s.stats.draft_tokens - s.stats.accepted_tokens for s in spec) > 0  # rollbacks happened
+
+
+def test_session_store_refusals_and_evictions():
+    """KVSessionStore alone: which steps it continues, and why it refuses the others."""
+    from prometheus_client import CollectorRegistry
+    from transformers import DynamicCache
+
+    registry = CollectorRegistry()
+    store = KVSessionStore(ttl_s=10, max_kv_bytes=100, kv_bytes_per_token=10, new_cache=DynamicCache,
+                           metrics=WorkerMetrics(registry))  # fmt: skip
+
+    def refused(sid, start, n) -> StepError:
+        with pytest.raises(StepError) as info:
+            store.open(sid, start, n)
+        return info.value
+
+    err = refused("a", 3, 1)
+    assert (err.status, err.code) == (409, "unknown_session")
+    session = store.open("a", 0, 4)  # a new session starts at 0
+    assert store.open("a", 0, 4) is session and list(store.sessions) == ["a"]
+    assert refused("a", 1, 1).code == "cache_mismatch"  # the body cache holds 0 positions, not 1
+    assert refused("b", 0, 11).code == "kv_memory_exceeded" and "b" not in store.sessions
+    store.expire(now=session.last_used + 11)
+    err = refused("a", 1, 1)
+    assert err.code == "session_evicted" and "TTL (10 s)" in err.message
+    assert registry.get_sample_value("tandem_split_worker_evictions_total", {"reason": "ttl"}) == 1
+    store.open("a", 0, 1)  # a replay from 0 starts it again
+    assert "a" not in store.tombstones and store.close("a") and not store.close("a")
 
 
 def test_worker_holds_only_its_layers(tiny_workers):
