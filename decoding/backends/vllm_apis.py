@@ -24,10 +24,8 @@ fails: the transport retries it and never accepts a draft on it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
