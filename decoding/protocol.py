@@ -1,4 +1,12 @@
-"""The split transport's binary frame: a small header, then one raw tensor.
+"""The wire formats of tandem's remote verifiers, imported by both sides of each.
+
+Verify protocol (JSON over HTTP; the vLLM client ``decoding.backends.vllm_client``
+and the route inside vLLM ``service.vllm.route``; docs/vllm-verifier.md): the
+route prefix and version, the request and response fields, their limits, and
+the vocabulary fingerprint both sides compute. See the section at the end.
+
+Split frame (the split edge ``decoding.backends.split_edge`` and the split
+worker ``service.split_worker``): a small header, then one raw tensor.
 
 Layout (all integers little-endian)::
 
@@ -17,10 +25,13 @@ responses use the same frame (content type ``application/x-tandem-split``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
 import sys
+from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 
@@ -99,3 +110,76 @@ def decode(data: bytes) -> tuple[dict, torch.Tensor | None]:
         return header, torch.empty(shape, dtype=dtype)
     tensor = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
     return header, tensor
+
+
+# -- the verify protocol (version 1): decoding.backends.vllm_client <-> service.vllm.route ---------
+
+VERIFY_PROTOCOL_VERSION = 1
+VERIFY_ROUTE_PREFIX = "/tandem/v1"
+INFO_PATH = f"{VERIFY_ROUTE_PREFIX}/info"
+VERIFY_PATH = f"{VERIFY_ROUTE_PREFIX}/verify"
+SESSIONS_PATH = f"{VERIFY_ROUTE_PREFIX}/sessions"  # DELETE {SESSIONS_PATH}/{session}
+#: Most draft tokens one round may carry.
+MAX_DRAFT = 64
+#: A logprob above this is invalid (log-softmax is <= 0; allow float rounding, then clamp to 0).
+LOGPROB_SLACK = 1e-3
+#: Session ids and cache salts: 1..128 characters.
+MAX_ID_CHARS = 128
+#: The 409 error code of a server that does not hold ``base`` tokens of the session: resend with base 0.
+UNKNOWN_SESSION = "unknown_session"
+
+
+class VerifyRequest(TypedDict):
+    """``POST VERIFY_PATH``: the context is ``stored[:base] + append``, then the k-token ``draft``."""
+
+    session: str  # client-chosen, see is_session_id
+    base: int  # tokens of the stored context to keep; 0 starts (or restarts) the session
+    append: list[int]  # tokens committed since the previous round
+    draft: list[int]  # 0 <= k <= MAX_DRAFT
+    top_k: int  # K, 1 <= K <= the server's max_logprobs
+    cache_salt: str | None  # the salt a previous answer returned for this session, or None
+
+
+class VerifyResponse(TypedDict):
+    """The answer: k+1 rows of the top-K (ids, logprobs) sorted by rank, and each draft token's own entry."""
+
+    protocol: int
+    server_id: str
+    session: str
+    context_len: int  # n, the stored context after this request
+    num_prompt_tokens: int  # n + k
+    num_cached_tokens: int  # vLLM prefix-cache hits of this request
+    recomputed: bool  # a shared cache hit covered a needed row: recomputed under cache_salt
+    cache_salt: str | None  # to send in the session's next rounds
+    top_ids: list[list[int]]  # [k+1][K]
+    top_logprobs: list[list[float]]  # [k+1][K], raw log-softmax, <= 0, non-increasing
+    draft_logprobs: list[float]  # [k]: logprob of draft[i] in row i, even outside the top-K
+    draft_ranks: list[int]  # [k]: its rank, 1 = best
+    engine_s: float
+
+
+def is_session_id(value: object) -> bool:
+    """1-128 characters of ``[A-Za-z0-9_-]``."""
+    return (
+        isinstance(value, str)
+        and 1 <= len(value) <= MAX_ID_CHARS
+        and all(c.isascii() and (c.isalnum() or c in "-_") for c in value)
+    )
+
+
+def is_cache_salt(value: object) -> bool:
+    """None, or 1-128 characters without ``@``, ``/``, ``\\`` or NUL (vLLM builds cache keys from it)."""
+    return value is None or (
+        isinstance(value, str) and 1 <= len(value) <= MAX_ID_CHARS and not any(c in "@/\\\0" for c in value)
+    )
+
+
+def vocab_fingerprint(vocab: Mapping[str, int]) -> str:
+    """SHA-256 of the vocabulary as ``[[token, id], ...]`` sorted by id (compact JSON, UTF-8).
+
+    Client and server compute it from their own tokenizers: equal
+    fingerprints mean the same token <-> id mapping.
+    """
+    items = sorted(vocab.items(), key=lambda kv: (kv[1], kv[0]))
+    blob = json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()

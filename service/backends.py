@@ -62,9 +62,21 @@ def build_backends(settings: TandemSettings) -> Backends:
     verifier: Verifier
     if settings.remote_verifier:
         from decoding.backends.vllm_client import VLLMVerifier  # the remote backend is optional
+        from decoding.causal_lm import read_config
 
         tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
-        verifier = VLLMVerifier.from_settings(settings, tokenizer)
+        api_key = settings.verifier_api_key
+        verifier = VLLMVerifier(
+            settings.verifier,
+            tokenizer,
+            api=settings.verifier_api,
+            top_logprobs=settings.verifier_top_logprobs,
+            timeout_s=settings.verifier_timeout_s,
+            retries=settings.verifier_retries,
+            backoff_s=settings.verifier_backoff_s,
+            api_key=api_key.get_secret_value() if api_key else None,
+            vocab_size=read_config(drafter_path)["vocab_size"] if drafter_path != "ngram" else None,
+        ).connect_at_start()
         verifier_lm = None
     else:
         verifier_lm = CausalLM(verifier_path, dtype=dtype, device=settings.device)

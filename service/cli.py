@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["load"]:  # forwarded whole: the load generator has its own parser
         return cmd_load(argparse.Namespace(load_args=list(argv[1:])))
     if argv[:1] == ["verifier"]:  # forwarded whole: vLLM's own flags pass through unchanged
-        from service.vllm.route import main as verifier_main
+        from service.vllm.launcher import main as verifier_main
 
         return verifier_main(list(argv[1:]))
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
-"""The gateway in front of a real vLLM verifier: it survives the verifier dying mid-stream.
+"""The gateway in front of a real vLLM verifier: its rounds reach /metrics, and it survives the verifier dying mid-stream.
 
-Kills the session's shared vLLM server (and starts it again), so it sorts last
-in the suite (tests/service runs after tests/decoding and tests/deploy).
+Kills the session's shared vLLM server and starts it again, so it runs after
+the tests that need it undisturbed (tests/decoding runs before tests/service).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.service.conftest import start_server, wait_until_up
+from tests.service.conftest import start_server, sum_metric, wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,32 @@ def gateway_on_vllm(vllm_server, vllm_pair, tmp_path_factory):
     )
     yield server
     server.stop()
+
+
+def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
+    """The client's TransportEvent of every round is exported by the gateway as tandem_verifier_*{backend="vllm"}."""
+
+    def sample() -> dict[str, float]:
+        samples = gateway_on_vllm.metrics()
+        return {
+            "round_trips": sum_metric(samples, "tandem_verifier_round_trips_total", backend="vllm"),
+            "tail_mass_rounds": sum_metric(samples, "tandem_verifier_tail_mass_count"),
+            "up": sum_metric(samples, "tandem_verifier_wire_bytes_total", backend="vllm", direction="up"),
+            "down": sum_metric(samples, "tandem_verifier_wire_bytes_total", backend="vllm", direction="down"),
+        }
+
+    before = sample()
+    r = gateway_on_vllm.http.post("/v1/completions", json={
+        "model": "tandem", "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+    })  # fmt: skip
+    assert r.status_code == 200, r.text
+    rounds = r.json()["tandem"]["verifier_forward_passes"]
+    after = sample()
+    grown = {key: after[key] - before[key] for key in after}
+    assert rounds > 0
+    assert grown["round_trips"] == rounds  # one exchange per round (no resync, no retry)
+    assert grown["tail_mass_rounds"] == rounds
+    assert grown["up"] >= 100 * rounds and grown["down"] >= 100 * rounds
 
 
 def test_vllm_killed_mid_stream_gives_a_clean_error_and_the_gateway_recovers(gateway_on_vllm, vllm_server):

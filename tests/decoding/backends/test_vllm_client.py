@@ -1,6 +1,6 @@
 """The vLLM-hosted verifier, against a real vLLM served by ``tandem verifier``.
 
-One server per session (tests/decoding/conftest.py). The only stand-in server
+One server per session (``vllm_server`` in tests/conftest.py). The only stand-in server
 in this module is ``FakeGarbageServer``, named as such: it produces the broken
 answers (NaN, out-of-range ids, hangs) that a real vLLM cannot be made to give.
 The server-kill test runs last because it restarts the shared server.
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,7 +31,10 @@ from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from decoding.backends.vllm_client import VerifierIncompatibleError, VLLMVerifier
 from loadtests.bench_vllm import sample_text
 from loadtests.delay_proxy import DelayProxy
+from service.backends import build_backends
+from service.config import TandemSettings
 
+REPO = Path(__file__).resolve().parents[3]
 BLOCK = 32  # the test server's --block-size (conftest.TEST_SERVER_ARGS)
 MAX_TOKENS = 40
 
@@ -97,29 +103,25 @@ def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
     return resp.json()["choices"][0]["token_ids"]
 
 
-# -- launcher (no server needed) ---------------------------------------------------------------
+# -- layering (no server needed) ---------------------------------------------------------------
 
 
-def test_launcher_passes_vllm_arguments_through_with_defaults(capsys):
-    from service.vllm.route import main
-
-    assert main(["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2", "--tandem-print-argv"]) == 0
-    argv = json.loads(capsys.readouterr().out)
-    assert argv[:6] == ["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2"]
-    assert "--enable-prefix-caching" in argv
-    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--tandem-print-argv"]) == 0
-    argv = json.loads(capsys.readouterr().out)
-    assert argv.count("--dtype") == 1 and "--enable-prefix-caching" not in argv
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0
-    assert "passed to vLLM unchanged" in capsys.readouterr().out
+def test_client_imports_no_server_code():
+    """The client runs on the edge: the wire format comes from decoding.protocol, never from service/ or vLLM."""
+    code = (
+        "import sys, decoding.backends.vllm_client\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'service', 'vllm', 'fastapi', 'starlette', 'uvicorn'}))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 # -- handshake -----------------------------------------------------------------------------
 
 
-def test_handshake_reads_limits_and_checks_vocabulary(vllm_server, tokenizer, vllm_pair):
+def test_handshake_reads_limits_and_checks_vocabulary(vllm_server, tokenizer, vllm_pair, other_vocab_drafter_dir):
     v = remote(vllm_server, tokenizer)
     asyncio.run(v.connect())
     assert (v.vocab_size, v.max_context, v.top_logprobs) == (512, 2048, 20)
@@ -129,12 +131,15 @@ def test_handshake_reads_limits_and_checks_vocabulary(vllm_server, tokenizer, vl
     other = train_bpe_tokenizer(["completely different text " * 50, "zebra quartz " * 40], vocab_size=300)
     with pytest.raises(VerifierIncompatibleError, match="vocabulary differs"):
         asyncio.run(remote(vllm_server, other).connect())
-    # The same check, through the gateway's constructor: it fails at start.
-    settings = SimpleNamespace(verifier=vllm_server.url, drafter=str(vllm_pair[1]), verifier_api="tandem",
-                               verifier_top_logprobs=20, verifier_timeout_s=5.0, verifier_retries=1)
-    with pytest.raises(VerifierIncompatibleError):
-        VLLMVerifier.from_settings(settings, other)
-    assert VLLMVerifier.from_settings(settings, tokenizer).max_context == 2048
+    # The same check at the gateway's start: it fails there, naming the problem.
+    with pytest.raises(VerifierIncompatibleError, match="vocabulary differs"):
+        remote(vllm_server, other, timeout_s=5.0, retries=1).connect_at_start()
+    assert remote(vllm_server, tokenizer).connect_at_start().max_context == 2048
+    with pytest.raises(VerifierIncompatibleError, match="vocabulary differs"):
+        build_backends(TandemSettings.load(verifier=vllm_server.url, drafter=str(other_vocab_drafter_dir)))
+    backends = build_backends(TandemSettings.load(verifier=vllm_server.url, drafter=str(vllm_pair[1])))
+    assert isinstance(backends.verifier, VLLMVerifier) and backends.verifier.max_context == 2048
+    asyncio.run(backends.aclose())
     # K beyond the server's --max-logprobs is clamped, and the exactness rule follows the K in effect.
     big = remote(vllm_server, tokenizer, top_logprobs=500)
     asyncio.run(big.connect())
@@ -191,6 +196,7 @@ def test_rows_are_exact_and_prefix_cache_hits_from_second_round(vllm_server, tok
         for _ in range(8):
             draft = (await draft_session.propose(4)).tokens
             logits = await session.score(draft)
+            assert session.last_transport is reports[-1].transport  # the event the router attaches to the round
             assert_rows_match(logits, log_softmax_rows(verifier_lm, context, draft), 20)
             accepted = greedy_accept(draft, logits)
             session.extend(accepted)
@@ -200,6 +206,10 @@ def test_rows_are_exact_and_prefix_cache_hits_from_second_round(vllm_server, tok
 
     asyncio.run(run())
     assert reports[0].num_cached_tokens == 0
+    for r in reports:
+        t = r.transport
+        assert (t.backend, t.round_trips, t.retries, t.resync_reason) == ("vllm", 1, 0, None)
+        assert t.bytes_up > 0 and t.bytes_down > 0 and 0 <= t.tail_mass <= 1 and t.round_s > 0
     for r in reports[1:]:
         # Only the last block(s) and the draft are recomputed, however long the context.
         assert r.num_prompt_tokens - r.num_cached_tokens <= BLOCK + 4 + 1
@@ -415,7 +425,7 @@ def test_garbage_or_hanging_server_fails_cleanly_and_accepts_nothing(mode, vllm_
         assert v.stats.invalid_responses == (3 if mode in ("nan", "out_of_range", "positive", "rows", "not_json") else 0)
 
 
-def test_unreachable_verifier_is_a_clean_unavailable_error(tokenizer):
+def test_unreachable_verifier_is_a_clean_unavailable_error(tokenizer, vllm_pair):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
@@ -424,9 +434,10 @@ def test_unreachable_verifier_is_a_clean_unavailable_error(tokenizer):
         asyncio.run(v.check_ready())
     with pytest.raises(VerifierUnavailableError, match="unreachable"):
         asyncio.run(v.start([1, 2, 3]))
-    settings = SimpleNamespace(verifier=v.url, drafter=None, verifier_api="tandem", verifier_top_logprobs=20,
-                               verifier_timeout_s=1.0, verifier_retries=0)
-    assert VLLMVerifier.from_settings(settings, tokenizer).url == v.url  # the gateway can start; readiness says no
+    # The gateway can start (its readiness says no until the verifier answers).
+    backends = build_backends(TandemSettings.load(verifier=v.url, drafter=str(vllm_pair[1]), verifier_retries=0))
+    assert backends.verifier.url == v.url
+    asyncio.run(backends.aclose())
 
 
 def test_server_killed_mid_stream_then_restarted(vllm_server, tokenizer, corpus, verifier_lm, drafter):
@@ -466,4 +477,6 @@ def test_server_killed_mid_stream_then_restarted(vllm_server, tokenizer, corpus,
     resyncs = v.stats.resyncs
     logits = asyncio.run(survivor.score(other_draft))
     assert v.stats.resyncs == resyncs + 1
+    event = survivor.last_transport  # the 409 and the resend: both exchanges, and what was resent
+    assert (event.resync_reason, event.resync_tokens, event.round_trips) == ("unknown_session", len(other_context), 2)
     assert_rows_match(logits, log_softmax_rows(verifier_lm, other_context, other_draft), 20)

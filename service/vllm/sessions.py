@@ -1,0 +1,70 @@
+"""The verify route's per-session contexts: committed token ids, LRU-bounded, expiring when idle.
+
+The client sends only the tokens committed since its previous round; the
+route rebuilds the context from what it stored. 4 bytes per token.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """How many contexts the route keeps and for how long (``tandem verifier --tandem-*``, the plugin's env)."""
+
+    max_sessions: int = 4096
+    ttl_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if self.max_sessions < 1 or not self.ttl_s > 0:
+            raise ValueError(f"max_sessions must be >= 1 and ttl_s > 0, got {self.max_sessions}, {self.ttl_s}")
+
+
+class UnknownSessionError(KeyError):
+    """The store does not hold ``base`` tokens of this session (never seen, evicted, expired)."""
+
+
+class ContextStore:
+    """Committed contexts by session id, LRU-bounded and expiring when idle.
+
+    ``resolve`` is idempotent: a retried request with the same ``base`` and
+    ``append`` gives the same context.
+    """
+
+    def __init__(self, limits: StoreLimits = StoreLimits()):
+        self.limits = limits
+        self._data: OrderedDict[str, tuple[array, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _expire(self, now: float) -> None:
+        while self._data:
+            sid, (_, seen) = next(iter(self._data.items()))
+            if now - seen <= self.limits.ttl_s and len(self._data) <= self.limits.max_sessions:
+                break
+            del self._data[sid]
+
+    def resolve(self, session: str, base: int, append: Sequence[int]) -> array:
+        """Store and return ``stored[:base] + append`` (int32). Raises UnknownSessionError."""
+        now = time.monotonic()
+        if base == 0:
+            ctx = array("i", append)
+        else:
+            entry = self._data.get(session)
+            if entry is None or len(entry[0]) < base:
+                raise UnknownSessionError(session)
+            ctx = entry[0][:base]
+            ctx.extend(append)
+        self._data[session] = (ctx, now)
+        self._data.move_to_end(session)
+        self._expire(now)
+        return ctx
+
+    def drop(self, session: str) -> bool:
+        return self._data.pop(session, None) is not None
