@@ -18,7 +18,7 @@ Every split run is checked token-identical to unsplit plain (wire dtype
 counted), per generated token, prompt upload included.
 
 Models: ``--verifier/--drafter``, else the demo pair (models/demo/), else
-the tiny pair of ``loadtests.bench_vllm.build_pair`` (a drafter made from the
+the tiny pair of ``loadtests.vllm_pair.build_pair`` (a drafter made from the
 verifier's first layer, so acceptance is realistic rather than ~0).
 Everything shares one machine: the worker, the edge and the drafter compete
 for the same cores, so compute-bound figures (RTT 0) understate a real split.
@@ -30,26 +30,15 @@ import argparse
 import asyncio
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 from prometheus_client import REGISTRY
 
-from loadtests.load import write_json
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loadtests.load.report import write_json
+from loadtests.procs import REPO, ServerProcess, free_port
 
 
 def pick_models(args) -> tuple[Path, Path, str]:
@@ -58,11 +47,11 @@ def pick_models(args) -> tuple[Path, Path, str]:
     demo = REPO / "models" / "demo"
     if (demo / "verifier" / "config.json").is_file() and (demo / "drafter" / "config.json").is_file():
         return demo / "verifier", demo / "drafter", "demo pair (models/demo)"
-    from loadtests.bench_vllm import build_pair
+    from loadtests.vllm_pair import build_pair
 
     out = Path(tempfile.mkdtemp(prefix="tandem-bench-split-"))
     v, d = build_pair(out)
-    return v, d, "tiny pair of loadtests.bench_vllm.build_pair (demo pair absent)"
+    return v, d, "tiny pair of loadtests.vllm_pair.build_pair (demo pair absent)"
 
 
 def prompts_for(verifier: Path, tokenizer, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
@@ -84,29 +73,19 @@ def prompts_for(verifier: Path, tokenizer, n: int, prompt_tokens: int, seed: int
     raise ValueError("not enough held-out text for the prompts")
 
 
-class Worker:
-    def __init__(self, model: Path, layers: str, dtype: str):
-        self.port = free_port()
-        self.log = Path(tempfile.gettempdir()) / f"tandem-bench-split-worker-{self.port}.log"
-        cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(model), "--layers", layers,
-               "--port", str(self.port), "--dtype", dtype]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, TANDEM_SPLIT_TOKEN=""))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"split worker exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("split worker did not start")
+class Worker(ServerProcess):
+    """``tandem split-worker`` serving layers ``layers`` of ``model``, without a token (local only)."""
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
+    def __init__(self, model: Path, layers: str, dtype: str):
+        port = free_port()
+        cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(model), "--layers", layers,
+               "--port", str(port), "--dtype", dtype]
+        super().__init__(cmd, port=port, name="split worker", env=dict(os.environ, TANDEM_SPLIT_TOKEN=""),
+                         log_path=Path(tempfile.gettempdir()) / f"tandem-bench-split-worker-{port}.log")
+        self.spawn().wait_http("/health", timeout=300)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        return super().stop(timeout)
 
 
 def counter(name: str) -> float:
