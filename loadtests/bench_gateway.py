@@ -218,11 +218,10 @@ class Server(ServerProcess):
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
         super().__init__(cmd, port=port, log_path=args.server_log, name="tandem serve", env=env)
-        self.base_url = self.url
         self.spawn().wait_http("/ready", timeout=300)
 
     def rss_bytes(self) -> float:
-        samples = prometheus.fetch(self.base_url + "/metrics", timeout=30)
+        samples = prometheus.fetch(self.url + "/metrics", timeout=30)
         return samples.get(("process_resident_memory_bytes", ()), float("nan"))
 
     def stop(self, timeout: float = 60.0) -> int:
@@ -276,7 +275,7 @@ async def bench(args: argparse.Namespace) -> dict:
     try:
         warm = prompts[: max(2, max(args.concurrency))]
         await run_direct(router, warm, max(args.concurrency), args.max_tokens, options, "warm-up direct")
-        await run_http(server.base_url, warm, max(args.concurrency), args.max_tokens, model, "warm-up http")
+        await run_http(server.url, warm, max(args.concurrency), args.max_tokens, model, "warm-up http")
         for rep in range(args.repeat):
             for c in args.concurrency:
                 order = ("direct", "http") if rep % 2 == 0 else ("http", "direct")
@@ -285,7 +284,7 @@ async def bench(args: argparse.Namespace) -> dict:
                     if path == "direct":
                         r = await run_direct(router, prompts, c, args.max_tokens, options, desc)
                     else:
-                        r = await run_http(server.base_url, prompts, c, args.max_tokens, model, desc)
+                        r = await run_http(server.url, prompts, c, args.max_tokens, model, desc)
                     results[c][path].append(r)
     finally:
         server.stop()
@@ -313,7 +312,7 @@ async def soak(args: argparse.Namespace) -> dict:
     bar = tqdm(total=int(args.soak_minutes * 60), desc="soak (s)", unit="s")
     limits = httpx.Limits(max_connections=args.soak_concurrency)
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
             i = 0
 
             async def worker() -> None:
