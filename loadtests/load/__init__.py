@@ -38,6 +38,9 @@ acceptance length and acceptance by draft position over exactly this run's traff
 else the server did meanwhile).
 """
 
+# One module a concept: config (RunConfig), workload (prompts, arrivals), client (one streamed request),
+# scrape (the server's /metrics around a run), runner (a run, a sweep), report (the definitions, tables
+# and JSON), plots (PNG), cli (python -m loadtests, tandem load).
 from loadtests.load.cli import build_parser, main
 from loadtests.load.client import RequestResult, request_body, resolve_model, send_request
 from loadtests.load.config import RunConfig, parse_goodput
