@@ -1,4 +1,4 @@
-"""``python -m loadtests ...``: the load generator (see loadtests/load.py)."""
+"""``python -m loadtests ...``: the load generator (see loadtests/load/)."""
 
 import sys
 

@@ -41,16 +41,15 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
-import signal
-import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from loadtests import prometheus
+from loadtests.load.report import percentile
+from loadtests.procs import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMS = ("hf", "hf-assisted", "tandem", "vllm", "vllm-spec", "tandem-vllm")
@@ -83,15 +82,6 @@ class Request:
                 self.tokens.extend(ids)
 
 
-def percentile(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    i = (len(xs) - 1) * q
-    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
-
 def summarize(reqs: list[Request], reference: list[list[int]] | None, greedy: bool) -> dict:
     gen = sum(sum(n for _, n in r.chunks) for r in reqs)
     wall = sum(r.total_s for r in reqs)
@@ -105,9 +95,9 @@ def summarize(reqs: list[Request], reference: list[list[int]] | None, greedy: bo
         "generated_tokens": gen,
         "wall_s": wall,
         "tokens_per_s": gen / wall if wall else None,
-        "ttft_p50_ms": 1e3 * percentile(ttft, 0.5) if ttft else None,
-        "itl_p50_ms": 1e3 * percentile(itl, 0.5) if itl else None,
-        "itl_p99_ms": 1e3 * percentile(itl, 0.99) if itl else None,
+        "ttft_p50_ms": 1e3 * percentile(ttft, 50) if ttft else None,
+        "itl_p50_ms": 1e3 * percentile(itl, 50) if itl else None,
+        "itl_p99_ms": 1e3 * percentile(itl, 99) if itl else None,
     }
     if all(r.verifier_passes is not None for r in reqs):
         out["verifier_passes_per_token"] = sum(r.verifier_passes for r in reqs) / gen if gen else None
@@ -358,20 +348,8 @@ def _param_count(model_dir) -> int:
 # -- (4), (5): vLLM ----------------------------------------------------------------------------
 
 
-def _metrics(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)$", line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        pos = re.search(r'position="(\d+)"', labels)
-        key = name + (f"[{pos.group(1)}]" if pos else "")
-        out[key] = out.get(key, 0.0) + value  # sum over other labels (engine, model)
-    return out
+def _metrics(port: int) -> prometheus.Samples:
+    return prometheus.fetch(f"http://127.0.0.1:{port}/metrics", timeout=30)
 
 
 def _max_len(model_dir) -> int:
@@ -380,10 +358,10 @@ def _max_len(model_dir) -> int:
 
 
 def _engine_steps(port: int) -> int:
-    return int(_metrics(port).get("vllm:iteration_tokens_total_count", 0))
+    return int(prometheus.total(_metrics(port), "vllm:iteration_tokens_total_count"))
 
 
-def start_vllm(args, port: int, spec: bool, log: Path) -> subprocess.Popen:
+def start_vllm(args, port: int, spec: bool, log: Path) -> ServerProcess:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(REPO))
     common = [
         "--model", str(args.verifier), "--port", str(port), "--host", "127.0.0.1",
@@ -396,29 +374,9 @@ def start_vllm(args, port: int, spec: bool, log: Path) -> subprocess.Popen:
     else:  # vLLM's OpenAI server plus tandem's verify route: serves (4) and (6)
         cmd = [args.vllm_python, "-m", "service.vllm.route", *common]
     print("$ " + " ".join(shlex.quote(c) for c in cmd), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + args.vllm_start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with {proc.returncode}; see {log}")
-        try:
-            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
-                return proc
-        except Exception:
-            pass
-        time.sleep(2)
-    stop_vllm(proc)
-    raise RuntimeError(f"vLLM did not become healthy in {args.vllm_start_timeout}s; see {log}")
-
-
-def stop_vllm(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    server = ServerProcess(cmd, port=port, log_path=log, name="vLLM", env=env).spawn()
+    server.wait_http("/health", timeout=args.vllm_start_timeout, interval=2.0)
+    return server
 
 
 def run_vllm(args, prompts, greedy: bool, port: int, spec: bool) -> list[Request]:
@@ -455,16 +413,19 @@ def run_vllm(args, prompts, greedy: bool, port: int, spec: bool) -> list[Request
                         req.add_chunk(t0, len(tok), list(tok))
             req.total_s = time.perf_counter() - t0
             m1 = _metrics(port)
-            delta = {k: m1.get(k, 0.0) - m0.get(k, 0.0) for k in m1}
-            req.verifier_passes = int(delta.get("vllm:iteration_tokens_total_count", 0))
+
+            def grew(name: str, **labels: str) -> int:  # summed over the other labels (engine, model)
+                return int(prometheus.total(m1, name, **labels) - prometheus.total(m0, name, **labels))
+
+            req.verifier_passes = grew("vllm:iteration_tokens_total_count")
             if spec:
-                drafts = int(delta.get("vllm:spec_decode_num_drafts_total", 0))
+                drafts = grew("vllm:spec_decode_num_drafts_total")
                 req.rounds = drafts
-                req.accepted = int(delta.get("vllm:spec_decode_num_accepted_tokens_total", 0))
+                req.accepted = grew("vllm:spec_decode_num_accepted_tokens_total")
                 width = args.vllm_spec_tokens
                 req.drafted_per_position = [drafts] * width
                 req.accepted_per_position = [
-                    int(delta.get(f"vllm:spec_decode_num_accepted_tokens_per_pos_total[{p}]", 0)) for p in range(width)
+                    grew("vllm:spec_decode_num_accepted_tokens_per_pos_total", position=str(p)) for p in range(width)
                 ]
             reqs.append(req)
             _progress(args, name, greedy, i, len(prompts))
@@ -681,7 +642,7 @@ def main(argv=None) -> int:
         if not wanted:
             continue
         try:
-            proc = start_vllm(args, args.vllm_port, spec, log_dir / ("vllm-spec.log" if spec else "vllm.log"))
+            server = start_vllm(args, args.vllm_port, spec, log_dir / ("vllm-spec.log" if spec else "vllm.log"))
         except Exception as exc:
             for s in wanted:
                 for mode in modes:
@@ -705,7 +666,7 @@ def main(argv=None) -> int:
                             lambda: run_tandem_vllm(args, prompts, greedy, args.vllm_port, rtt),
                         )
         finally:
-            stop_vllm(proc)
+            server.stop(timeout=60)
     result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     write_outputs(out_dir, result)
     print((out_dir / "bench.md").read_text())

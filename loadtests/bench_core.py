@@ -32,7 +32,7 @@ from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter, classic_speedup
 from decoding.verifiers import HFVerifier
-from loadtests.load import write_json
+from loadtests.load.report import write_json
 
 
 class ForwardTimer:

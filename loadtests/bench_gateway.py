@@ -8,7 +8,7 @@ so both paths do exactly the same model work):
 * **http**: a ``tandem serve`` subprocess with the same models, C concurrent
   streaming clients (httpx, ``stream_options.include_usage``).
 
-Definitions are ``vllm bench serve``'s (see loadtests/load.py):
+Definitions are ``vllm bench serve``'s (see loadtests/load/):
 
 * TTFT: request sent -> first chunk carrying tokens (direct: first router chunk);
 * TPOT = (e2e - TTFT) / (output tokens - 1), per request: the per-token latency;
@@ -35,10 +35,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,9 +44,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from loadtests.load import write_json
-
-REPO = Path(__file__).resolve().parents[1]
+from loadtests import prometheus
+from loadtests.load.report import percentile, write_json
+from loadtests.procs import ServerProcess, free_port
 
 
 @dataclass
@@ -63,17 +60,6 @@ class Sample:
     @property
     def tpot(self) -> float | None:
         return (self.e2e - self.ttft) / (self.tokens - 1) if self.tokens > 1 else None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear-interpolation percentile (numpy's default), q in [0, 100]."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summary_ms(values: list[float]) -> dict[str, float | None]:
@@ -217,17 +203,12 @@ async def run_http(base_url: str, prompts: list[str], concurrency: int, max_toke
 # -- the server -----------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """``tandem serve`` with the benchmark's models, ``concurrency`` slots and a queue of 256."""
 
-
-class Server:
     def __init__(self, args: argparse.Namespace, concurrency: int):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port), "--mode", args.mode,
+        port = free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--mode", args.mode,
                "--max-concurrency", str(concurrency), "--max-queue", "256", "--log-level", "warning"]  # fmt: skip
         if args.verifier:
             cmd += ["--verifier", args.verifier]
@@ -236,35 +217,15 @@ class Server:
         env = dict(os.environ)
         if args.threads:
             env["OMP_NUM_THREADS"] = str(args.threads)
-        self.log = open(args.server_log, "w") if args.server_log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"tandem serve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.base_url + "/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise SystemExit("tandem serve did not become ready")
+        super().__init__(cmd, port=port, log_path=args.server_log, name="tandem serve", env=env)
+        self.spawn().wait_http("/ready", timeout=300)
 
     def rss_bytes(self) -> float:
-        for line in httpx.get(self.base_url + "/metrics", timeout=30).text.splitlines():
-            if line.startswith("process_resident_memory_bytes "):
-                return float(line.split()[1])
-        return float("nan")
+        samples = prometheus.fetch(self.url + "/metrics", timeout=30)
+        return samples.get(("process_resident_memory_bytes", ()), float("nan"))
 
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+    def stop(self, timeout: float = 60.0) -> int:
+        return super().stop(timeout)
 
 
 # -- runs -------------------------------------------------------------------------------------------------
@@ -314,7 +275,7 @@ async def bench(args: argparse.Namespace) -> dict:
     try:
         warm = prompts[: max(2, max(args.concurrency))]
         await run_direct(router, warm, max(args.concurrency), args.max_tokens, options, "warm-up direct")
-        await run_http(server.base_url, warm, max(args.concurrency), args.max_tokens, model, "warm-up http")
+        await run_http(server.url, warm, max(args.concurrency), args.max_tokens, model, "warm-up http")
         for rep in range(args.repeat):
             for c in args.concurrency:
                 order = ("direct", "http") if rep % 2 == 0 else ("http", "direct")
@@ -323,7 +284,7 @@ async def bench(args: argparse.Namespace) -> dict:
                     if path == "direct":
                         r = await run_direct(router, prompts, c, args.max_tokens, options, desc)
                     else:
-                        r = await run_http(server.base_url, prompts, c, args.max_tokens, model, desc)
+                        r = await run_http(server.url, prompts, c, args.max_tokens, model, desc)
                     results[c][path].append(r)
     finally:
         server.stop()
@@ -351,7 +312,7 @@ async def soak(args: argparse.Namespace) -> dict:
     bar = tqdm(total=int(args.soak_minutes * 60), desc="soak (s)", unit="s")
     limits = httpx.Limits(max_connections=args.soak_concurrency)
     try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=server.url, timeout=600, limits=limits) as client:
             i = 0
 
             async def worker() -> None:

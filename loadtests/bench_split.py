@@ -18,7 +18,7 @@ Every split run is checked token-identical to unsplit plain (wire dtype
 counted), per generated token, prompt upload included.
 
 Models: ``--verifier/--drafter``, else the demo pair (models/demo/), else
-the tiny pair of ``loadtests.bench_vllm.build_pair`` (a drafter made from the
+the tiny pair of ``loadtests.vllm_pair.build_pair`` (a drafter made from the
 verifier's first layer, so acceptance is realistic rather than ~0).
 Everything shares one machine: the worker, the edge and the drafter compete
 for the same cores, so compute-bound figures (RTT 0) understate a real split.
@@ -30,26 +30,13 @@ import argparse
 import asyncio
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from prometheus_client import REGISTRY
-
-from loadtests.load import write_json
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from loadtests.load.report import write_json
+from loadtests.procs import REPO, ServerProcess, free_port
 
 
 def pick_models(args) -> tuple[Path, Path, str]:
@@ -58,11 +45,11 @@ def pick_models(args) -> tuple[Path, Path, str]:
     demo = REPO / "models" / "demo"
     if (demo / "verifier" / "config.json").is_file() and (demo / "drafter" / "config.json").is_file():
         return demo / "verifier", demo / "drafter", "demo pair (models/demo)"
-    from loadtests.bench_vllm import build_pair
+    from loadtests.vllm_pair import build_pair
 
     out = Path(tempfile.mkdtemp(prefix="tandem-bench-split-"))
     v, d = build_pair(out)
-    return v, d, "tiny pair of loadtests.bench_vllm.build_pair (demo pair absent)"
+    return v, d, "tiny pair of loadtests.vllm_pair.build_pair (demo pair absent)"
 
 
 def prompts_for(verifier: Path, tokenizer, n: int, prompt_tokens: int, seed: int) -> list[list[int]]:
@@ -84,44 +71,35 @@ def prompts_for(verifier: Path, tokenizer, n: int, prompt_tokens: int, seed: int
     raise ValueError("not enough held-out text for the prompts")
 
 
-class Worker:
+class Worker(ServerProcess):
+    """``tandem split-worker`` serving layers ``layers`` of ``model``, without a token (local only)."""
+
     def __init__(self, model: Path, layers: str, dtype: str):
-        self.port = free_port()
-        self.log = Path(tempfile.gettempdir()) / f"tandem-bench-split-worker-{self.port}.log"
+        port = free_port()
         cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(model), "--layers", layers,
-               "--port", str(self.port), "--dtype", dtype]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         env=dict(os.environ, TANDEM_SPLIT_TOKEN=""))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"split worker exited:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("split worker did not start")
+               "--port", str(port), "--dtype", dtype]
+        super().__init__(cmd, port=port, name="split worker", env=dict(os.environ, TANDEM_SPLIT_TOKEN=""),
+                         log_path=Path(tempfile.gettempdir()) / f"tandem-bench-split-worker-{port}.log")
+        self.spawn().wait_http("/health", timeout=300)
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
-def counter(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+    def stop(self, timeout: float = 20.0) -> int | None:
+        return super().stop(timeout)
 
 
 async def timed_generate(router, prompts, params, options) -> dict:
-    up0, down0 = counter("tandem_split_uplink_bytes_total"), counter("tandem_split_downlink_bytes_total")
+    """Generate every prompt; wire bytes come from the rounds' TransportEvents (0 in process)."""
     t0 = time.perf_counter()
-    tokens, rounds, outputs = 0, 0, []
+    tokens, rounds, outputs, up, down = 0, 0, [], 0, 0
     for p in prompts:
-        gen = await router.generate(p, params, options)
-        tokens += len(gen.token_ids)
-        rounds += gen.stats.rounds
-        outputs.append(gen.token_ids)
+        ids: list[int] = []
+        async for chunk in router.stream(p, params, options):
+            ids += chunk.token_ids
+            if chunk.event.transport is not None:
+                up += chunk.event.transport.bytes_up
+                down += chunk.event.transport.bytes_down
+        tokens += len(ids)
+        rounds += chunk.stats.rounds
+        outputs.append(ids)
     wall = time.perf_counter() - t0
     return {
         "tokens": tokens,
@@ -129,8 +107,8 @@ async def timed_generate(router, prompts, params, options) -> dict:
         "tokens_per_s": tokens / wall,
         "rounds": rounds,
         "tokens_per_round": tokens / rounds if rounds else None,
-        "up_bytes_per_token": (counter("tandem_split_uplink_bytes_total") - up0) / tokens,
-        "down_bytes_per_token": (counter("tandem_split_downlink_bytes_total") - down0) / tokens,
+        "up_bytes_per_token": up / tokens,
+        "down_bytes_per_token": down / tokens,
         "outputs": outputs,
     }
 
@@ -142,7 +120,7 @@ async def run(args) -> dict:
     from decoding.drafters import HFDrafter
     from decoding.sampling import SamplingParams
     from decoding.speculative import SpecOptions, SpeculativeRouter
-    from decoding.backends.split_edge import SplitAwareDrafter, SplitVerifier
+    from decoding.backends.split_edge import SplitVerifier
     from decoding.partition import EdgeModel, load_config, parse_layers
     from decoding.verifiers import HFVerifier
     from loadtests.delay_proxy import DelayProxy
@@ -186,8 +164,7 @@ async def run(args) -> dict:
         for rtt in args.rtt:
             async with DelayProxy(("127.0.0.1", worker.port), rtt_ms=rtt) as proxy:
                 verifier = SplitVerifier(edge, proxy.url, wire_dtype=wire_dtype)
-                split_drafter = drafter if args.no_measured_cost else SplitAwareDrafter(drafter, verifier)
-                router = SpeculativeRouter(verifier, split_drafter, tok)
+                router = SpeculativeRouter(verifier, drafter, tok, measure_cost=not args.no_measured_cost)
                 # Warm-up: opens the connection, and measures a round and a drafter step.
                 await router.generate(prompts[0][:16], SamplingParams(max_tokens=8, ignore_eos=True), spec)
                 p = await timed_generate(router, prompts, params, plain)
@@ -195,7 +172,7 @@ async def run(args) -> dict:
                 s = await timed_generate(router, prompts, params, spec)
                 record("split speculative", rtt, s, ref["outputs"])
                 results[-1]["speedup_vs_split_plain"] = s["tokens_per_s"] / p["tokens_per_s"]
-                results[-1]["draft_cost_ratio"] = split_drafter.cost_ratio
+                results[-1]["draft_cost_ratio"] = router.cost.ratio
                 await verifier.aclose()
     finally:
         worker.stop()
@@ -248,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=4, help="draft length of the first round (default 4)")
     p.add_argument("--fixed-k", action="store_true", help="keep k fixed instead of adapting it")
     p.add_argument("--no-measured-cost", action="store_true",
-                   help="split speculative uses the drafter's static cost ratio, not the measured one (SplitAwareDrafter)")
+                   help="split speculative uses the drafter's static cost ratio, not the measured one (the router's CostEstimator)")
     p.add_argument("--draft-cost-ratio", type=float, help="drafter step / verifier round cost for the adaptive k "
                    "(default: the parameter ratio)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

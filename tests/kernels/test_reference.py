@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernels import PAD, verify_drafts
-from tests.stats_helpers import chi2_pvalue
+from tests.support.stats import chi2_pvalue
 
 
 def _probs(rows: list[list[float]]) -> torch.Tensor:

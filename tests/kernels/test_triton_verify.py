@@ -44,7 +44,7 @@ import kernels  # noqa: E402
 from kernels import reference  # noqa: E402
 from kernels import triton_verify as tv  # noqa: E402
 from kernels.triton_verify import _exponential_noise  # noqa: E402
-from tests.stats_helpers import chi2_pvalue  # noqa: E402
+from tests.support.stats import chi2_pvalue  # noqa: E402
 
 if tv.INTERPRETED:
     DEVICE = "cpu"

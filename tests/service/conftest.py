@@ -1,137 +1,19 @@
-"""Real `tandem serve` subprocesses for the gateway tests.
-
-Each server is started as ``python -m service.cli serve`` on a free port with
-the tiny models from tests/conftest.py, waited for on ``/ready`` and stopped
-with SIGTERM (whose exit status the fixtures check: a clean drain exits 0).
+"""The gateway tests' servers: real ``tandem serve`` subprocesses (tests/support/gateway.py) on the tiny models
+from tests/conftest.py, all spawned at once when the first is needed, each waited for on its own path.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT_S = 180.0  # import torch + load models, on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    port: int
-    log_path: Path
-    api_key: str | None = None
-    model: str = "tandem"
-    _http: httpx.Client | None = field(default=None, repr=False)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def http(self) -> httpx.Client:
-        if self._http is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._http = httpx.Client(base_url=self.base_url, timeout=60, headers=headers)
-        return self._http
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        """The official OpenAI client, pointed at this server (no retries: tests see every status)."""
-        kwargs.setdefault("api_key", self.api_key or "unused")
-        kwargs.setdefault("max_retries", 0)
-        kwargs.setdefault("timeout", 60)
-        return openai.OpenAI(base_url=f"{self.base_url}/v1", **kwargs)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        """Every sample of /metrics as {(name, sorted labels): value}."""
-        text = httpx.get(f"{self.base_url}/metrics", timeout=30).text
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples of ``name`` whose labels include ``labels``."""
-        return sum_metric(self.metrics(), name, **labels)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        if self._http is not None:
-            self._http.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def sum_metric(samples: dict, name: str, **labels: str) -> float:
-    return sum(
-        v for (n, lbl), v in samples.items() if n == name and all(dict(lbl).get(k) == want for k, want in labels.items())
-    )
-
-
-def start_server(
-    log_path: Path,
-    *args: str,
-    env: dict[str, str] | None = None,
-    api_key: str | None = None,
-    model: str = "tandem",
-    wait_ready: bool = True,
-) -> ServerProcess:
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("TANDEM_")}
-    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args]
-    log_file = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
-    log_file.close()
-    server = ServerProcess(proc, port, log_path, api_key=api_key, model=model)
-    if wait_ready:
-        wait_until_up(server, "/ready")
-    return server
-
-
-def wait_until_up(server: ServerProcess, path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"tandem serve exited with {server.proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(server.base_url + path, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"tandem serve did not become ready in {START_TIMEOUT_S}s:\n{server.log()[-4000:]}")
-
-
-def model_args(verifier: Path, drafter: Path) -> tuple[str, ...]:
-    return ("--verifier", str(verifier), "--drafter", str(drafter))
+# The tests import these helpers from here too.
+from loadtests.procs import REPO, free_port  # noqa: F401
+from loadtests.prometheus import total as sum_metric  # noqa: F401
+from tests.support.gateway import Gateway, model_args, start_server, wait_until_up  # noqa: F401
 
 
 # -- the servers ------------------------------------------------------------------------------------
@@ -195,9 +77,9 @@ def _spec_drain_server(request, root: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def _spawned(request, tmp_path_factory) -> Iterator[dict[str, tuple[ServerProcess, str]]]:
+def _spawned(request, tmp_path_factory) -> Iterator[dict[str, tuple[Gateway, str]]]:
     wanted = getattr(request.config, "_tandem_servers", set(SERVER_FIXTURES))
-    spawned: dict[str, tuple[ServerProcess, str]] = {}
+    spawned: dict[str, tuple[Gateway, str]] = {}
     for name in SERVER_FIXTURES:
         if name not in wanted:
             continue
@@ -215,34 +97,34 @@ def _spawned(request, tmp_path_factory) -> Iterator[dict[str, tuple[ServerProces
     assert not failed, {name: (code, spawned[name][0].log()[-2000:]) for name, code in failed.items()}
 
 
-def _serve(spawned: dict, name: str) -> Iterator[ServerProcess]:
+def _serve(spawned: dict, name: str) -> Iterator[Gateway]:
     s, ready_path = spawned[name]
     wait_until_up(s, ready_path)
     yield s  # stopped, and its exit status checked, by _spawned
 
 
 @pytest.fixture(scope="session")
-def server(_spawned) -> Iterator[ServerProcess]:
+def server(_spawned) -> Iterator[Gateway]:
     yield from _serve(_spawned, "server")
 
 
 @pytest.fixture(scope="session")
-def limited_server(_spawned) -> Iterator[ServerProcess]:
+def limited_server(_spawned) -> Iterator[Gateway]:
     yield from _serve(_spawned, "limited_server")
 
 
 @pytest.fixture(scope="session")
-def fuzz_server(_spawned) -> Iterator[ServerProcess]:
+def fuzz_server(_spawned) -> Iterator[Gateway]:
     yield from _serve(_spawned, "fuzz_server")
 
 
 @pytest.fixture(scope="session")
-def verifier_down_server(_spawned) -> Iterator[ServerProcess]:
+def verifier_down_server(_spawned) -> Iterator[Gateway]:
     yield from _serve(_spawned, "verifier_down_server")
 
 
 @pytest.fixture
-def drain_server(_spawned) -> ServerProcess:
+def drain_server(_spawned) -> Gateway:
     return next(_serve(_spawned, "drain_server"))  # the test stops it
 
 

@@ -8,95 +8,44 @@ worker start their own through ``start_worker``.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from loadtests.procs import REPO, ServerProcess, free_port
+
 TOKEN = "split-test-secret"
 DEMO_VERIFIER = REPO / "models" / "demo" / "verifier"
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL the worker when the test process dies, so no worker outlives a killed run."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class WorkerProcess:
-    """One ``tandem split-worker`` subprocess; restartable on the same port."""
+class WorkerProcess(ServerProcess):
+    """One ``tandem split-worker`` subprocess; restartable on the same port (``spawn()`` again)."""
 
     def __init__(self, model: Path, layers: str, *, token: str | None = TOKEN, extra: list[str] | None = None):
         self.model, self.layers, self.token = model, layers, token
         self.extra = list(extra or [])
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-split-worker-{self.port}.log"
-
-    def spawn(self) -> None:
+        port = free_port()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("TANDEM_SPLIT_TOKEN", None)
-        if self.token:
-            env["TANDEM_SPLIT_TOKEN"] = self.token
-        cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(self.model), "--layers", self.layers,
-               "--port", str(self.port), *self.extra]
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
-            )
+        if token:
+            env["TANDEM_SPLIT_TOKEN"] = token
+        cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(model), "--layers", layers,
+               "--port", str(port), *self.extra]
+        super().__init__(cmd, port=port, name="split worker", env=env, die_with_parent=True,
+                         log_path=Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-split-worker-{port}.log")
 
     def wait_ready(self, timeout: float = 240.0) -> None:
         # Start-up is mostly importing torch and transformers: seconds on an idle machine, far more on a busy one.
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"split worker exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"split worker did not become ready in {timeout} s:\n{self.log.read_text()[-3000:]}")
+        self.wait_http("/health", timeout=timeout, interval=0.1)
 
     def start(self) -> WorkerProcess:
         self.spawn()
         self.wait_ready()
         return self
 
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def stop(self, timeout: float = 10.0) -> int | None:
+        return super().stop(timeout)
 
     def headers(self) -> dict:
         return {"authorization": f"Bearer {self.token}"} if self.token else {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -29,13 +28,14 @@ from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.offline.tiny_models import train_bpe_tokenizer
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from decoding.backends.vllm_client import VerifierIncompatibleError, VLLMVerifier
-from loadtests.bench_vllm import sample_text
 from loadtests.delay_proxy import DelayProxy
+from loadtests.procs import free_port
+from loadtests.vllm_pair import sample_text
 from service.backends import build_backends
 from service.config import TandemSettings
 
 REPO = Path(__file__).resolve().parents[3]
-BLOCK = 32  # the test server's --block-size (conftest.TEST_SERVER_ARGS)
+BLOCK = 32  # the test server's --block-size (tests/support/vllm.py, TEST_SERVER_ARGS)
 MAX_TOKENS = 40
 
 
@@ -384,9 +384,7 @@ class FakeGarbageServer:
                 await asyncio.sleep(3600)
             return Response(json.dumps(good), media_type="application/json")  # json.dumps writes NaN as NaN
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -426,9 +424,7 @@ def test_garbage_or_hanging_server_fails_cleanly_and_accepts_nothing(mode, vllm_
 
 
 def test_unreachable_verifier_is_a_clean_unavailable_error(tokenizer, vllm_pair):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     v = VLLMVerifier(f"http://127.0.0.1:{port}", tokenizer, timeout_s=1.0, retries=1, backoff_s=0.01)
     with pytest.raises(VerifierUnavailableError, match="not ready: ConnectError"):
         asyncio.run(v.check_ready())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench_vllm import vllm_python
+from loadtests.vllm_server import vllm_python
 from service.vllm.launcher import main
 from service.vllm.plugin import MAX_SESSIONS_ENV, SESSION_TTL_ENV, TandemEndpointPlugin, limits_from_env
 from service.vllm.sessions import StoreLimits
