@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install install-vllm system-deps serve test
+.PHONY: install install-vllm system-deps serve test gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,17 @@ serve: install
 
 test: install install-vllm system-deps
 	$(VENV)/bin/python -m pytest
+
+# On a machine with an NVIDIA GPU (its own CUDA build of torch and Triton in python3):
+# every GPU check, figures in runs/gpu_check.json. See loadtests/gpu_check.py.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m loadtests.gpu_check --json runs/gpu_check.json $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE),)
+
+# Wheels of what gpu-check imports beyond torch/triton, for a GPU machine that reaches no index
+# (then: make gpu-check WHEELHOUSE=.whl). Python 3.12, x86-64 Linux.
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl \
+	  fastapi uvicorn pydantic pydantic-settings httpx transformers tokenizers safetensors prometheus-client \
+	  pyyaml tqdm pytest pytest-timeout hypothesis scipy

@@ -41,7 +41,7 @@ class VerifySession(Protocol):
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         """Score the context followed by ``draft`` (k ids, k >= 0).
 
-        Returns logits [k+1, V] float32 (on CPU): row i is the target's
+        Returns logits [k+1, V] float32 on the verifier's device: row i is the target's
         next-token distribution after ``draft[:i]``; row k gives the bonus token.
         Entries a backend did not compute (top-K transports) are -inf.
         """

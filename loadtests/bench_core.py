@@ -43,11 +43,14 @@ class ForwardTimer:
         self.calls = 0
         original = lm.model.forward
 
+        sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                sync()  # CUDA runs asynchronously: time the pass, not its launch
                 self.seconds += time.perf_counter() - t0
                 self.calls += 1
 
@@ -81,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-k", type=int, default=8, help="adaptive upper bound (default: 8)")
     p.add_argument("--fixed-k", action="store_true", help="disable the adaptive draft length")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="torch device of both models, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype (default: float32)")
     p.add_argument("--seed", type=int, default=0, help="prompt selection and sampling seed")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p.parse_args(argv)
@@ -136,12 +141,13 @@ async def main_async(args: argparse.Namespace) -> dict:
     verifier_dir = Path(args.verifier or default_verifier)
     drafter_arg = args.drafter or str(default_drafter)
     tokenizer = load_tokenizer(verifier_dir)
-    vlm = CausalLM(verifier_dir)
+    dtype = getattr(torch, args.dtype)
+    vlm = CausalLM(verifier_dir, dtype=dtype, device=args.device)
     timers = [ForwardTimer(vlm)]
     if drafter_arg == "ngram":
         drafter = NgramDrafter(vlm.vocab_size)
     else:
-        dlm = CausalLM(drafter_arg)
+        dlm = CausalLM(drafter_arg, dtype=dtype, device=args.device)
         timers.append(ForwardTimer(dlm))
         drafter = HFDrafter(dlm, cost_ratio=dlm.num_parameters / vlm.num_parameters)
     router = SpeculativeRouter(HFVerifier(vlm), drafter, tokenizer)
@@ -170,7 +176,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     for r in (base, spec):
         r.pop("outputs")
     return {
-        "machine": {"torch_threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__},
+        "machine": {"torch_threads": torch.get_num_threads(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "device": torch.cuda.get_device_name(vlm.device) if vlm.device.type == "cuda" else "cpu", "dtype": args.dtype},
         "verifier": str(verifier_dir),
         "drafter": drafter_arg,
         "verifier_params": vlm.num_parameters,
