@@ -64,6 +64,34 @@ def check_same_vocabulary(
         )
 
 
+#: A drafter directory may carry this file: the token ids its LM head scores (``tandem distill --head-tokens``).
+HEAD_VOCABULARY = "head_vocabulary.json"
+
+
+def restrict_head(model: torch.nn.Module, path: Path) -> torch.Tensor | None:
+    """Keep only the LM-head rows that ``path/head_vocabulary.json`` lists; return their ids [V'] (int64).
+
+    A drafter's head over a large vocabulary costs as much as several of its layers.
+    With fewer rows the other tokens get logit -inf (see CachedSequence.feed): the
+    drafter never proposes them, and since the verifier still checks every token,
+    output stays lossless (q(x) = 0 where the head has no row).
+    """
+    file = path / HEAD_VOCABULARY
+    if not file.is_file():
+        return None
+    try:
+        ids = torch.tensor(json.loads(file.read_text())["token_ids"], dtype=torch.long)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{str(file)!r} is not a head vocabulary (a JSON object with token_ids): {exc}") from None
+    head = model.get_output_embeddings()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= head.weight.shape[0]:
+        raise ModelLoadError(f"{str(file)!r} lists token ids outside the model's {head.weight.shape[0]} logits")
+    small = torch.nn.Linear(head.weight.shape[1], len(ids), bias=False, dtype=head.weight.dtype, device=head.weight.device)
+    small.weight = torch.nn.Parameter(head.weight.detach()[ids].clone(), requires_grad=False)
+    model.set_output_embeddings(small)
+    return ids
+
+
 class CausalLM:
     """A causal LM loaded from a local directory, run on its own worker thread.
 
@@ -82,6 +110,9 @@ class CausalLM:
         self.device = torch.device(device)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
+        self.head_token_ids = restrict_head(self.model, self.path)
+        if self.head_token_ids is not None:
+            self.head_token_ids = self.head_token_ids.to(self.device)
         self.max_context: int = int(getattr(config, "max_position_embeddings", 2048))
         self.num_parameters: int = sum(p.numel() for p in self.model.parameters())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tandem-{self.path.name}")
@@ -153,7 +184,12 @@ class CachedSequence:
         out = self.lm.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
         self.cached.extend(tokens)
         self.forward_passes += 1
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        if self.lm.head_token_ids is not None:  # a reduced head: the tokens it has no row for are impossible
+            full = logits.new_full((logits.shape[0], self.lm.vocab_size), float("-inf"))
+            full[:, self.lm.head_token_ids] = logits
+            return full
+        return logits
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Commit ``tokens`` to the context; roll the cache back to the longest

@@ -109,6 +109,12 @@ def cmd_models_install(args: argparse.Namespace) -> int:
     return main_install(args)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from decoding.offline.distill import main_distill
+
+    return main_distill(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     names = (*MODEL_SETTINGS, *DECODING_SETTINGS, "host", "port", "max_concurrency", "max_queue", "log_json")
     names += ("model_name", "api_keys", "request_timeout_s", "shutdown_grace_s", "default_max_tokens", "log_level")
@@ -331,6 +337,41 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--force", action="store_true", help="convert again even if installed")
     ins.add_argument("--quiet", action="store_true", help="no progress bars")
     ins.set_defaults(func=cmd_models_install)
+    di = sub.add_parser(
+        "distill",
+        help="make a drafter for a Llama-family verifier (distilled from it, on your text)",
+        description="Build a small drafter for VERIFIER: start from a few of its layers plus its embeddings and head "
+        "(frozen), train with KL to the verifier's soft targets over your text (--text, --chat; it never leaves this "
+        "machine) and over text the verifier generates itself, then measure held-out acceptance per position, alpha, "
+        "the drafter/verifier cost ratio and the predicted speedup against the undistilled start, into a model card "
+        "(OUT/README.md). Checkpoints into OUT.checkpoint: run the same command again to resume. Deterministic "
+        "given --seed (same software and thread count). See docs/real-models.md.",
+    )
+    di.add_argument("--verifier", required=True, metavar="DIR", help="the verifier (a Hugging Face Llama directory)")
+    di.add_argument("--out", required=True, metavar="DIR", help="output directory of the drafter")
+    di.add_argument("--text", action="append", metavar="FILE_OR_DIR",
+                    help="training text: a file, a directory (its text files, recursively) or a quoted glob (repeatable)")  # fmt: skip
+    di.add_argument("--chat", action="append", metavar="FILE",
+                    help="conversations: ShareGPT JSON, or JSON lines of {\"messages\": [...]} (repeatable)")  # fmt: skip
+    di.add_argument("--slim", metavar="DIR", help="also write the drafter without the verifier's tensors (to ship it)")
+    di.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the sampling (default: 0)")
+    di.add_argument("--budget-minutes", type=float, metavar="M",
+                    help="scale the batch counts to about M minutes on a 2-core machine (from fixed nominal rates)")  # fmt: skip
+    di.add_argument("--layers", metavar="I,J,...", help="verifier layers the drafter starts from (default: 0,1,2)")
+    di.add_argument("--head-tokens", type=int, metavar="N", help="rows of the drafter's head; 0 = all (default: 8192)")
+    di.add_argument("--data-batches", type=int, metavar="N", help="batches of your text (default: 48)")
+    di.add_argument("--onpolicy-batches", type=int, metavar="N", help="batches of verifier-generated text (default: 6)")
+    di.add_argument("--epochs", type=int, metavar="N", help="passes over those batches (default: 3)")
+    di.add_argument("--seq-len", type=int, metavar="T", help="training window in tokens (default: 128)")
+    di.add_argument("--batch", type=int, metavar="B", help="windows per batch (default: 8)")
+    di.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    di.add_argument("--eval-prompts", type=int, metavar="N", help="held-out prompts per workload (default: 6)")
+    di.add_argument("--eval-new-tokens", type=int, metavar="N", help="tokens generated per held-out prompt (default: 48)")
+    di.add_argument("--threads", type=int, metavar="N", help="torch threads (default: 1)")
+    di.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
+    di.add_argument("--keep-checkpoint", action="store_true", help="keep OUT.checkpoint after a successful run")
+    di.add_argument("--quiet", action="store_true", help="no progress bars")
+    di.set_defaults(func=cmd_distill)
     return parser
 
 
