@@ -54,14 +54,23 @@ def check_same_vocabulary(
     """Speculative decoding compares token ids, so both sides must share one vocabulary."""
     dv, vv = drafter.get_vocab(), verifier.get_vocab()
     if dv != vv:
-        only_d = len(dv.keys() - vv.keys())
+        only_d = sorted(dv.keys() - vv.keys(), key=dv.get)
         only_v = len(vv.keys() - dv.keys())
-        moved = sum(1 for t in dv.keys() & vv.keys() if dv[t] != vv[t])
+        moved = sorted((t for t in dv.keys() & vv.keys() if dv[t] != vv[t]), key=dv.get)
+        examples = ", ".join(f"{t!r} is {dv[t]} in the drafter, {vv[t]} in the verifier" for t in moved[:2]) or (
+            f"{only_d[0]!r} is only in the drafter" if only_d else "")
         raise ModelLoadError(
             f"drafter {drafter_name!r} and verifier {verifier_name!r} use different vocabularies "
-            f"(sizes {len(dv)} vs {len(vv)}; {only_d} tokens only in the drafter, {only_v} only in the verifier, "
-            f"{moved} with different ids). They must share one tokenizer."
+            f"(tokenizers {_tokenizer_file(drafter_name)} vs {_tokenizer_file(verifier_name)}: sizes {len(dv)} vs "
+            f"{len(vv)}; {len(only_d)} tokens only in the drafter, {only_v} only in the verifier, {len(moved)} with "
+            f"different ids{'; e.g. ' + examples if examples else ''}). Speculative decoding compares token ids, so "
+            "they must share one tokenizer: make a drafter for this verifier with `tandem distill`."
         )
+
+
+def _tokenizer_file(name: str) -> str:
+    path = Path(name) / "tokenizer.json"
+    return str(path) if path.is_file() else name
 
 
 #: A drafter directory may carry this file: the token ids its LM head scores (``tandem distill --head-tokens``).
@@ -115,6 +124,10 @@ class CausalLM:
             self.head_token_ids = self.head_token_ids.to(self.device)
         self.max_context: int = int(getattr(config, "max_position_embeddings", 2048))
         self.num_parameters: int = sum(p.numel() for p in self.model.parameters())
+        if self.head_token_ids is not None:
+            # The cost-ratio proxy: with a reduced head the input embedding is only a lookup
+            # (it was also the head when tied), so it is not part of a forward pass's work.
+            self.num_parameters -= self.model.get_input_embeddings().weight.numel()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tandem-{self.path.name}")
 
     @property

@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the sampling (default: 0)")
     di.add_argument("--budget-minutes", type=float, metavar="M",
                     help="scale the batch counts to about M minutes on a 2-core machine (from fixed nominal rates)")  # fmt: skip
-    di.add_argument("--layers", metavar="I,J,...", help="verifier layers the drafter starts from (default: 0,1,2)")
+    di.add_argument("--layers", metavar="I,J,...", help="verifier layers the drafter starts from (default: 0,1)")
     di.add_argument("--head-tokens", type=int, metavar="N", help="rows of the drafter's head; 0 = all (default: 8192)")
     di.add_argument("--data-batches", type=int, metavar="N", help="batches of your text (default: 48)")
     di.add_argument("--onpolicy-batches", type=int, metavar="N", help="batches of verifier-generated text (default: 6)")

@@ -62,6 +62,9 @@ def _marker(path: Path) -> dict | None:
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move the finished ``tmp`` to ``final``, replacing an older one."""
+    for f in tmp.iterdir():  # safetensors writes owner-only files; the cache is read by every local user
+        f.chmod(0o644)
+    tmp.chmod(0o755)
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
