@@ -1,0 +1,51 @@
+"""Hardening (issue 15): what an attacker or a careless operator can do to a gateway, and what it must do back.
+
+Numerics of tiny temperature / top_p, auth that cannot silently turn off, log injection, bounded memory per
+request, connection limits, and protocol errors in OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from decoding.drafters import HFDrafter
+from decoding.sampling import SamplingParams
+from decoding.speculative import SpecOptions, SpeculativeRouter
+from decoding.verifiers import HFVerifier
+
+PROMPT = "def fib(n):\n"
+TINY = [1e-45, 5e-324, 1e-300]
+
+
+# -- numerics: tiny positive temperature and top_p are their limits, greedy and top-1 ------------------------------
+
+
+@pytest.mark.parametrize("mode", ["speculative", "verifier-only"])
+def test_tiny_temperature_and_top_p_are_greedy_through_the_router(mode, tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):
+    router = SpeculativeRouter(HFVerifier(tiny_verifier_lm), HFDrafter(tiny_drafter_lm), tiny_tokenizer)
+    options = SpecOptions(mode=mode)
+    ids = tiny_tokenizer.encode(PROMPT)
+
+    def tokens(**params) -> list[int]:
+        return asyncio.run(router.generate(ids, SamplingParams(max_tokens=24, ignore_eos=True, **params), options)).token_ids
+
+    greedy = tokens(temperature=0.0)
+    for tiny in TINY:
+        assert tokens(temperature=tiny, seed=1) == greedy, f"temperature={tiny}"
+        assert tokens(temperature=1.0, top_p=tiny, seed=2) == greedy, f"top_p={tiny}"
+
+
+def test_tiny_temperature_and_top_p_are_greedy_over_http(server):
+    def text(**params) -> str:
+        body = {"model": "tandem", "prompt": PROMPT, "max_tokens": 16, "ignore_eos": True, **params}
+        r = server.http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    greedy = text(temperature=0)
+    for tiny in TINY:
+        assert text(temperature=tiny, seed=3) == greedy, f"temperature={tiny}"
+        assert text(top_p=tiny, seed=4) == greedy, f"top_p={tiny}"
+        assert text(temperature=tiny, stream=False, tandem={"mode": "verifier-only"}) == greedy
