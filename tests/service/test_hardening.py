@@ -49,3 +49,51 @@ def test_tiny_temperature_and_top_p_are_greedy_over_http(server):
         assert text(temperature=tiny, seed=3) == greedy, f"temperature={tiny}"
         assert text(top_p=tiny, seed=4) == greedy, f"top_p={tiny}"
         assert text(temperature=tiny, stream=False, tandem={"mode": "verifier-only"}) == greedy
+
+
+# -- auth cannot silently turn off -------------------------------------------------------------------------------
+
+
+SECRET = "sk-live-abcdefghijklmnop"  # a real-looking key that must never be echoed
+
+
+@pytest.mark.parametrize(
+    "argv,env,says",
+    [
+        (["--api-key", ""], {}, "empty or whitespace"),  # `--api-key "$KEY"` with KEY unset
+        (["--api-key", "   "], {}, "empty or whitespace"),
+        ([], {"TANDEM_API_KEYS": ""}, "empty or whitespace"),
+        ([], {"TANDEM_API_KEYS": f"{SECRET},,{SECRET}x"}, "key 2 of 3 is empty"),
+        (["--api-key", SECRET[:15]], {}, "at least 16"),
+        (["--api-key", f" {SECRET}"], {}, "whitespace"),
+        (["--split-token", " "], {}, "split_token"),
+    ],
+)
+def test_an_empty_whitespace_or_short_key_is_a_startup_error_naming_the_setting(argv, env, says, monkeypatch, capsys):
+    from service.cli import main
+
+    for key in [k for k in __import__("os").environ if k.startswith("TANDEM_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", *argv]) == 2  # fails before loading any model
+    err = capsys.readouterr().err
+    assert err.startswith("tandem serve: error: invalid setting ") and says in err and "Traceback" not in err, err
+    assert ("'split_token'" if "--split-token" in argv else "'api_keys'") in err
+    assert SECRET[:15] not in err  # the rejected key is not echoed
+
+
+def test_a_short_key_needs_allow_weak_keys(monkeypatch):
+    from service.config import TandemSettings
+
+    monkeypatch.delenv("TANDEM_API_KEYS", raising=False)
+    settings = TandemSettings.load(api_keys=["short-key"], allow_weak_keys=True)
+    assert [k.get_secret_value() for k in settings.api_keys] == ["short-key"]
+
+
+def test_the_startup_log_states_how_many_keys_are_active(limited_server):
+    from tests.service.conftest import LIMITED_KEY, LIMITED_OTHER_KEY
+
+    log = limited_server.log()
+    assert "auth on (2 API keys active)" in log
+    assert LIMITED_KEY not in log and LIMITED_OTHER_KEY not in log
