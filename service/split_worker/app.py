@@ -37,6 +37,7 @@ from decoding import protocol as wire
 from decoding.causal_lm import crop_cache
 from decoding.partition import BodyModel
 from service.http import APIKeys, json_error
+from service.logs import configure_logging
 from service.split_worker.metrics import WorkerMetrics
 from service.split_worker.sessions import KVSessionStore, StepError
 
@@ -238,7 +239,7 @@ def run_worker(
     Every argument is explicit: the caller (the CLI) reads them from the settings."""
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)  # the gateway's escaped one-line records, uvicorn's included
     body = BodyModel(model, *layers, dtype=dtype, device=device)
     app = create_app(body, token=token, session_ttl_s=session_ttl_s, max_kv_bytes=max_kv_bytes, max_body_bytes=max_body_bytes)
     log.info(

@@ -97,3 +97,44 @@ def test_the_startup_log_states_how_many_keys_are_active(limited_server):
     log = limited_server.log()
     assert "auth on (2 API keys active)" in log
     assert LIMITED_KEY not in log and LIMITED_OTHER_KEY not in log
+
+
+# -- logs: no request can forge a line ---------------------------------------------------------------------------------
+
+
+FORGED = "FORGED7c1e status=200"
+
+
+def test_cr_and_lf_in_a_field_name_cannot_forge_a_log_line(server):
+    # An unknown field of the tandem object is a 400 whose error_param, logged, is the field's name.
+    for name in (f"x\rstatus=200\n{FORGED}", f"y\n{FORGED}", f"z\u2028{FORGED}", f"w\x1b\r{FORGED}"):
+        r = server.http.post("/v1/completions", json={"model": "tandem", "prompt": "x", "tandem": {name: 1}})
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("tandem."), r.text
+    server.http.get("/health")  # one more line after them
+    log = server.log()
+    lines = log.splitlines()  # splits at \r, \n, \x1c-\x1e, \x85, \u2028 and \u2029 too
+    assert not [line for line in lines if line.startswith(FORGED)]
+    logged = [line for line in lines if "error_param=" in line and "FORGED7c1e" in line]
+    assert len(logged) == 4, logged
+    assert all('error_param="tandem.' in line for line in logged)
+
+
+def test_every_part_of_a_text_log_line_is_escaped():
+    import logging
+    import sys
+
+    from service.logs import JSONFormatter, TextFormatter
+
+    record = logging.LogRecord("tandem.access", logging.INFO, __file__, 1, "request %s", (f"a\r{FORGED}",), None)
+    record.fields = {"error_param": f"p\n{FORGED}", f"k\r{FORGED}": "v", "status": 400, "route": "/v1/completions"}
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1 and " status=400 " in line and " route=/v1/completions" in line
+    assert 'error_param="p\\nFORGED7c1e status=200"' in line and '"k\\rFORGED7c1e status=200"=v' in line
+    try:
+        raise ValueError(f"boom\n{FORGED}")
+    except ValueError:
+        record = logging.LogRecord("tandem", logging.ERROR, __file__, 1, "unhandled", (), sys.exc_info())
+    text = TextFormatter().format(record)
+    assert all(not line.startswith(FORGED) for line in text.splitlines()) and "\n    ValueError: boom" in text
+    for json_line in (JSONFormatter().format(record),):
+        assert len(json_line.splitlines()) == 1
