@@ -228,6 +228,19 @@ class GatewaySettings(SettingsGroup):
         None, ge=1, description="max_tokens of a request that sets none. Default: OpenAI's, 16 for completions and "
         "up to the context end for chat; never beyond the context."
     )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections at most; past it, the connection that waited longest for a "
+        "request is closed (or the new one, when all have a request in flight). Needs max_connections + 128 file "
+        "descriptors (RLIMIT_NOFILE; the soft limit is raised to fit, else start-up fails)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's line and headers must arrive within this of the connection's "
+        "opening or of its previous response; else the connection is closed."
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this.")
+    max_header_bytes: int = Field(
+        16 << 10, ge=1024, description="Largest request line + headers (h11); larger: 400."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

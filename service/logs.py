@@ -90,10 +90,42 @@ def _text_value(v: Any) -> str:
     return _text_token(v if isinstance(v, str) else str(v))
 
 
+class RateLimitFilter(logging.Filter):
+    """At most one record per ``interval_s`` for each kind of flood-prone warning; the next one let through says
+    how many were dropped. A record's kind is its ``rate_limit`` attribute (``extra={"rate_limit": "accept"}``),
+    or for uvicorn's per-connection warnings, which tandem cannot tag, its message.
+
+    A flood of bad connections (or of accept errors when file descriptors run out) must not become a flood
+    of log: unlimited, one such warning per connection wrote 19 MB in 6 s.
+    """
+
+    UVICORN = {"Invalid HTTP request received.": "invalid_http_request", "Exceeded concurrency limit.": "concurrency"}
+
+    def __init__(self, interval_s: float = 10.0):
+        super().__init__()
+        self.interval_s = interval_s
+        self._last: dict[str, tuple[float, int]] = {}  # kind -> (when one was let through, dropped since)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = getattr(record, "rate_limit", None) or (self.UVICORN.get(record.msg) if isinstance(record.msg, str) else None)
+        if kind is None:
+            return True
+        now = time.monotonic()
+        last, dropped = self._last.get(kind, (float("-inf"), 0))
+        if now - last < self.interval_s:
+            self._last[kind] = (last, dropped + 1)
+            return False
+        self._last[kind] = (now, 0)
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} more like this in the last {now - last:.0f}s)"
+        return True
+
+
 def configure_logging(level: str = "info", json_lines: bool = False, stream: Any = None) -> None:
-    """Route tandem's and uvicorn's loggers to one handler on stderr."""
+    """Route tandem's and uvicorn's loggers to one handler on stderr (flood-prone warnings rate-limited)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter() if json_lines else TextFormatter())
+    handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoding import protocol as wire
 from decoding.causal_lm import crop_cache
 from decoding.partition import BodyModel
+from service.connections import ConnectionLimits, limited_protocol
 from service.http import APIKeys, json_error
 from service.logs import configure_logging
 from service.split_worker.metrics import WorkerMetrics
@@ -271,5 +272,7 @@ def run_worker(
         "" if token else " (no auth token)",
     )
     # A long keep-alive: the edge holds one persistent connection per worker.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=120, access_log=False)
+    # The default connection limits (request-head deadline, connection cap) and protocol errors as JSON envelopes.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=120, access_log=False,
+                log_config=None, http=limited_protocol(ConnectionLimits()))  # fmt: skip
     return 0
