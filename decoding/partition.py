@@ -232,15 +232,20 @@ class LayerStack(nn.Module):
 
 
 def cache_bytes(cache: DynamicCache | None) -> int:
+    """Bytes of the storages that ``cache``'s keys and values hold, each storage counted once.
+
+    The storage, not the view: a cache cropped by a rollback still holds its longer storage until the next append.
+    """
     if cache is None:
         return 0
-    total = 0
+    storages: dict[int, int] = {}
     for layer in cache.layers:
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+            if isinstance(t, torch.Tensor) and t.numel():
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 class _ModelSlice(nn.Module):

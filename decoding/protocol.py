@@ -21,6 +21,8 @@ The header never carries numbers of the tensor, only its description; the
 payload is the tensor's memory as is (float16 / bfloat16 / float32), so a
 [n, H] fp16 frame is 2·n·H bytes plus a ~150-byte header. Requests and
 responses use the same frame (content type ``application/x-tandem-split``).
+A header nests at most ``MAX_HEADER_DEPTH`` levels (checked before it is
+parsed); a step request's header is :class:`StepHeader`, field by field.
 """
 
 from __future__ import annotations
@@ -31,14 +33,17 @@ import math
 import struct
 import sys
 from collections.abc import Mapping
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 MAGIC = b"TSPL"
 VERSION = 1
 CONTENT_TYPE = "application/x-tandem-split"
 MAX_HEADER_BYTES = 4096
+#: Deepest nesting of arrays and objects in a header (the object itself is level 1; ``layers`` is level 2).
+MAX_HEADER_DEPTH = 4
 _PREFIX = struct.Struct("<4sHI")
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,6 +55,46 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 
 class WireError(ValueError):
     """A malformed frame; the message says what is wrong."""
+
+
+class StepHeader(BaseModel):
+    """The header of a step request (edge -> worker), every field typed strictly: ``true`` is not 1, ``1.5`` is
+    not a position, unknown fields are refused. ``dtype`` and ``shape`` describe the payload (see :func:`decode`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    session: str = Field(pattern=r"^[A-Za-z0-9_-]{1,128}$", description="The edge's session id.")
+    start: int = Field(ge=0, description="Position of the first row; the worker crops the session's cache to it.")
+    return_from: int | None = Field(None, ge=0, description="First position to return (default: start).")
+    layers: list[int] | None = Field(None, min_length=2, max_length=2, description="[a, b] the edge expects.")
+    fingerprint: str | None = Field(None, max_length=128, description="The model fingerprint the edge expects.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shape: list[int] | None = Field(None, max_length=8)
+
+
+def header_depth(meta: bytes, limit: int) -> int:
+    """Nesting depth of the JSON text ``meta`` (strings skipped), counted up to ``limit + 1`` and no further:
+    so a deep header costs one bounded scan, never the parser's recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in meta:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                break
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
 
 
 def encode(header: dict, tensor: torch.Tensor | None = None) -> bytes:
@@ -83,9 +128,12 @@ def decode(data: bytes) -> tuple[dict, torch.Tensor | None]:
     end = _PREFIX.size + meta_len
     if len(data) < end:
         raise WireError(f"frame is truncated: header needs {meta_len} bytes, {len(data) - _PREFIX.size} present")
+    meta = data[_PREFIX.size : end]
+    if header_depth(meta, MAX_HEADER_DEPTH) > MAX_HEADER_DEPTH:
+        raise WireError(f"frame header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(data[_PREFIX.size : end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(meta)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireError(f"frame header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise WireError("frame header must be a JSON object")

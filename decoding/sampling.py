@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+#: The smallest normal float32: a smaller temperature behaves as this one (the one-hot limit).
+_TINY_FLOAT32 = torch.finfo(torch.float32).tiny
+
 
 class InvalidRequestError(ValueError):
     """A request parameter is invalid. ``param`` names it (OpenAI's error ``param``);
@@ -76,7 +79,11 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     logits = logits.float()
     if params.greedy:
         return torch.softmax(logits, dim=-1)
-    logits = logits / params.temperature
+    # Shift the maximum to 0 before scaling, and keep the divisor a normal float32: a tiny positive
+    # temperature (1e-45, 5e-324) then sends every other logit to -inf instead of the maximum to inf
+    # (or 0/0), and the result is its limit, one-hot on the argmax (uniform over exact ties).
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = logits / max(params.temperature, _TINY_FLOAT32)
     V = logits.shape[-1]
     if 0 < params.top_k < V:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -88,6 +95,7 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         # the mass strictly before it already reaches top_p. Always keeps the top token.
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False  # even when top_p rounds to 0 in float32 (top_p < 1e-45): top-1
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return torch.softmax(logits, dim=-1)

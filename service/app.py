@@ -49,7 +49,8 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
         log.info(
             "ready: model %r (verifier %s, drafter %s), mode %s, %d slots, queue %d, auth %s",
             settings.model_name, gw.backends.verifier.name, gw.backends.drafter.name if gw.backends.drafter else "-",
-            settings.mode, settings.max_concurrency, settings.max_queue, "on" if gw.api_keys else "off",
+            settings.mode, settings.max_concurrency, settings.max_queue,
+            f"on ({len(gw.api_keys)} API key{'s' * (len(gw.api_keys) != 1)} active)" if gw.api_keys else "off (no API keys)",
         )  # fmt: skip
         try:
             yield

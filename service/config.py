@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator,
+)  # fmt: skip
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from decoding.modes import Mode
@@ -37,6 +39,20 @@ from decoding.modes import Mode
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the setting."""
+
+
+#: Shortest API key accepted without ``allow_weak_keys``.
+MIN_KEY_CHARS = 16
+
+
+def check_secret(secret: SecretStr, what: str) -> SecretStr:
+    """Refuse an empty or whitespace-padded bearer secret (it would disable auth, or never match)."""
+    value = secret.get_secret_value()
+    if not value.strip():
+        raise ValueError(f"{what} is empty or whitespace, which would turn authentication off; remove it or set a key")
+    if value != value.strip():
+        raise ValueError(f"{what} has leading or trailing whitespace, so no request could ever match it")
+    return secret
 
 
 class SettingsGroup(BaseModel):
@@ -148,7 +164,8 @@ class SplitEdgeSettings(SettingsGroup):
         description="a:b; the edge runs [0,a) and [b,L), the worker [a,b). 'a:' = b is L; a negative b counts from the end.",
     )
     split_token: SecretStr | None = Field(
-        None, description="Shared bearer token of the split worker. Default: none (no auth)."
+        None, description="Shared bearer token of the split worker. Default: none (no auth); an empty or whitespace "
+        "token is a start-up error.",
     )
     split_noise_scale: float = Field(
         0.1, ge=0, description="Gaussian noise on the uplink, relative to each hidden state's norm (0.1: the audit's "
@@ -164,6 +181,11 @@ class SplitEdgeSettings(SettingsGroup):
         "request", description="'request': split when a request asks for tandem.mode='split'; 'always': every request."
     )
     split_speculative: bool = Field(True, description="Split requests draft k tokens on the edge per round trip.")
+
+    @field_validator("split_token")
+    @classmethod
+    def _check_token(cls, token: SecretStr | None) -> SecretStr | None:
+        return token if token is None else check_secret(token, "the token")
 
 
 class SplitWorkerSettings(SettingsGroup):
@@ -186,8 +208,12 @@ class GatewaySettings(SettingsGroup):
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=0, le=65535, description="Port.")
     model_name: str = Field("tandem", description="Model id served on /v1/models and accepted in requests.")
+    allow_weak_keys: bool = Field(
+        False, description=f"Accept API keys shorter than {MIN_KEY_CHARS} characters (tests, never production)."
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="Bearer keys for /v1/*, comma-separated in TANDEM_API_KEYS; empty = no auth."
+        default_factory=list, description="Bearer keys for /v1/*, comma-separated in TANDEM_API_KEYS; none = no auth. "
+        f"An empty or whitespace key, or one shorter than {MIN_KEY_CHARS} characters, is a start-up error.",
     )
     max_concurrency: int = Field(4, ge=1, description="Generations running at once.")
     max_queue: int = Field(16, ge=0, description="Requests waiting for a slot; beyond it: 429.")
@@ -202,13 +228,39 @@ class GatewaySettings(SettingsGroup):
         None, ge=1, description="max_tokens of a request that sets none. Default: OpenAI's, 16 for completions and "
         "up to the context end for chat; never beyond the context."
     )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections at most; past it, the connection that waited longest for a "
+        "request is closed (or the new one, when all have a request in flight). Needs max_connections + 128 file "
+        "descriptors (RLIMIT_NOFILE; the soft limit is raised to fit, else start-up fails)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="A request's line and headers must arrive within this of the connection's "
+        "opening or of its previous response; else the connection is closed."
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="Idle keep-alive connections are closed after this.")
+    max_header_bytes: int = Field(
+        16 << 10, ge=1024, description="Largest request line + headers (h11); larger: 400."
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
-        if isinstance(value, str):  # TANDEM_API_KEYS=key1,key2
-            return [k.strip() for k in value.split(",") if k.strip()]
+        if isinstance(value, str):  # TANDEM_API_KEYS=key1,key2; "" and "a,,b" keep their empty keys, refused below
+            return [k.strip() for k in value.split(",")]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        # An empty key must not turn auth off: `--api-key "$KEY"` with KEY unset is the likely way to get one.
+        for i, key in enumerate(keys):
+            check_secret(key, f"key {i + 1} of {len(keys)}")
+            if len(key.get_secret_value()) < MIN_KEY_CHARS and not info.data.get("allow_weak_keys"):
+                raise ValueError(
+                    f"key {i + 1} of {len(keys)} has {len(key.get_secret_value())} characters; API keys need at least "
+                    f"{MIN_KEY_CHARS} (or set allow_weak_keys / --allow-weak-keys)"
+                )
+        return keys
 
 
 class LoggingSettings(SettingsGroup):
@@ -296,8 +348,16 @@ def format_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         name = ".".join(str(p) for p in err["loc"]) or "configuration"
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown setting"
-        parts.append(f"invalid setting {name!r}: {msg}" + (f" (got {err['input']!r})" if "input" in err and err["type"] != "extra_forbidden" else ""))
+        # A secret's value is never echoed, not even a rejected one: it may be a real key with a typo.
+        setting = str(err["loc"][0]) if err["loc"] else ""
+        shown = "input" in err and err["type"] != "extra_forbidden" and not _is_secret_setting(setting)
+        parts.append(f"invalid setting {name!r}: {msg}" + (f" (got {err['input']!r})" if shown else ""))
     return "; ".join(parts)
+
+
+def _is_secret_setting(name: str) -> bool:
+    field = TandemSettings.model_fields.get(name)
+    return field is not None and "SecretStr" in str(field.annotation)

@@ -52,10 +52,16 @@ def json_error(
 
 
 class APIKeys:
-    """Bearer keys compared in constant time: every key is compared, whichever matches."""
+    """Bearer keys compared in constant time: every key is compared, whichever matches.
+
+    An empty or whitespace key is a ValueError, never dropped: dropping it would turn auth off
+    while the operator believes a key is set.
+    """
 
     def __init__(self, keys: Iterable[str | bytes]):
-        self._keys = [k.encode() if isinstance(k, str) else k for k in keys if k]
+        self._keys = [k.encode() if isinstance(k, str) else k for k in keys]
+        if any(not k.strip() for k in self._keys):
+            raise ValueError("an API key is empty or whitespace")
 
     def __bool__(self) -> bool:
         return bool(self._keys)

@@ -65,6 +65,7 @@ class GatewayMiddleware:
             await send(message)
 
         path = scope["path"]
+        head_bytes = _head_bytes(scope)
         too_large = False
         content_length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
         if content_length is not None and content_length.isdigit() and int(content_length) > MAX_BODY_BYTES:
@@ -72,7 +73,14 @@ class GatewayMiddleware:
         else:
             receive = _limit_body(receive, MAX_BODY_BYTES)
         try:
-            if too_large:
+            if head_bytes > gw.settings.max_header_bytes:
+                # h11 bounds a head that arrives in pieces; one that arrives whole (up to a read, 256 KiB) ends here.
+                record.error = APIError(
+                    431, f"the request line and headers are {head_bytes} bytes; the limit is {gw.settings.max_header_bytes}",
+                    code="request_header_fields_too_large", reason="invalid",
+                )  # fmt: skip
+                await error_response(record.error)(scope, receive, send_wrapper)
+            elif too_large:
                 record.error = APIError(413, "the request body is too large", code="request_too_large", reason="invalid")
                 await error_response(record.error)(scope, receive, send_wrapper)
             elif gw.api_keys and (path == "/v1" or path.startswith("/v1/")) and not gw.api_keys.allows_scope(scope):
@@ -99,6 +107,12 @@ class GatewayMiddleware:
             if err is not None and getattr(err, "reason", None) and record.ttft_s is None:
                 gw.metrics.requests_rejected.labels(err.reason).inc()
             log_request(record, gw.settings.log_prompts)
+
+
+def _head_bytes(scope: Scope) -> int:
+    """The size of the request line and headers as sent (give or take the HTTP version and separators)."""
+    size = len(scope["method"]) + len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + 12
+    return size + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
 
 
 def _limit_body(receive: Receive, limit: int) -> Receive:

@@ -23,27 +23,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from decoding import protocol as wire
 from decoding.causal_lm import crop_cache
 from decoding.partition import BodyModel
+from service.connections import ConnectionLimits, limited_protocol
 from service.http import APIKeys, json_error
+from service.logs import configure_logging
 from service.split_worker.metrics import WorkerMetrics
-from service.split_worker.sessions import KVSessionStore, StepError
+from service.split_worker.sessions import KVSessionStore, StepError, session_overhead_bytes
 
 log = logging.getLogger("tandem.split.worker")
-
-SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
-
 
 def create_app(
     body: BodyModel, *, token: str | None, session_ttl_s: float, max_kv_bytes: int, max_body_bytes: int
@@ -54,7 +55,7 @@ def create_app(
     metrics = WorkerMetrics(registry)
     store = KVSessionStore(
         ttl_s=session_ttl_s, max_kv_bytes=max_kv_bytes, kv_bytes_per_token=body.kv_bytes_per_token,
-        new_cache=body.new_cache, metrics=metrics,
+        overhead_bytes=session_overhead_bytes(body.b - body.a), new_cache=body.new_cache, metrics=metrics,
     )  # fmt: skip
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-split-body")
     lock = asyncio.Lock()  # one step at a time: the body runs on one thread anyway
@@ -76,6 +77,7 @@ def create_app(
             executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tandem split worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    _install_error_envelopes(app, metrics)
     app.state.body = body
     app.state.store = store
     app.state.registry = registry
@@ -146,22 +148,21 @@ def create_app(
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def check_step(header: dict, hidden: torch.Tensor | None) -> tuple[str, int, int]:
-        sid = header.get("session")
-        if not isinstance(sid, str) or not SESSION_ID.match(sid):
-            raise StepError(400, "bad_header", "header 'session' must be 1-128 characters of [A-Za-z0-9_-]")
-        start, return_from = header.get("start"), header.get("return_from", header.get("start"))
-        for name, value in (("start", start), ("return_from", return_from)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise StepError(400, "bad_header", f"header {name!r} must be a non-negative integer, got {value!r}")
-        if header.get("fingerprint") not in (None, body.fingerprint) or (
-            header.get("layers") is not None and list(header["layers"]) != [body.a, body.b]
-        ):
+    def check_step(raw: dict, hidden: torch.Tensor | None) -> tuple[str, int, int]:
+        try:
+            header = wire.StepHeader.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "header"
+            raise StepError(400, "bad_header", f"header {field!r}: {err['msg']}") from None
+        sid, start = header.session, header.start
+        return_from = start if header.return_from is None else header.return_from
+        if header.fingerprint not in (None, body.fingerprint) or header.layers not in (None, [body.a, body.b]):
             raise StepError(
                 400,
                 "model_mismatch",
                 f"this worker serves layers {body.a}:{body.b} of model fingerprint {body.fingerprint}; the request "
-                f"expects layers {header.get('layers')} of fingerprint {header.get('fingerprint')}",
+                f"expects layers {header.layers} of fingerprint {header.fingerprint}",
             )
         if hidden is None:
             raise StepError(400, "bad_tensor", "a step must carry hidden states [n, hidden_size]")
@@ -220,6 +221,30 @@ def create_app(
     return app
 
 
+def _install_error_envelopes(app: FastAPI, metrics: WorkerMetrics) -> None:
+    """Every error the worker sends is the JSON envelope, whatever raised it: unknown routes and methods,
+    FastAPI's validation, and anything unexpected (a 500 that names no exception; the log has it)."""
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        metrics.errors.labels(code).inc()
+        return json_error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code)
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        metrics.errors.labels("bad_request").inc()
+        return json_error(400, "invalid request", "bad_request")
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        metrics.errors.labels("internal_error").inc()
+        return json_error(500, "the split worker had an internal error; its log has the details", "internal_error")
+
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
 def run_worker(
     model: str,
     layers: tuple[int, int | None],
@@ -238,7 +263,7 @@ def run_worker(
     Every argument is explicit: the caller (the CLI) reads them from the settings."""
     import uvicorn
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)  # the gateway's escaped one-line records, uvicorn's included
     body = BodyModel(model, *layers, dtype=dtype, device=device)
     app = create_app(body, token=token, session_ttl_s=session_ttl_s, max_kv_bytes=max_kv_bytes, max_body_bytes=max_body_bytes)
     log.info(
@@ -247,5 +272,7 @@ def run_worker(
         "" if token else " (no auth token)",
     )
     # A long keep-alive: the edge holds one persistent connection per worker.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=120, access_log=False)
+    # The default connection limits (request-head deadline, connection cap) and protocol errors as JSON envelopes.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_keep_alive=120, access_log=False,
+                log_config=None, http=limited_protocol(ConnectionLimits()))  # fmt: skip
     return 0

@@ -8,6 +8,13 @@ else is refused with 409 (``unknown_session``, ``session_evicted`` or
 (least recently used sessions are evicted to make room; a single session
 larger than the bound is refused with 413). A tombstone remembers why a
 session went, so the 409 can say so.
+
+A session's size is what it costs the process: the bytes of its KV tensors'
+storages (:func:`decoding.partition.cache_bytes`) plus a fixed overhead per
+session and per layer, for the Python and torch objects that hold them
+(measured on CPython 3.11 / torch 2: about 0.35 KiB per session and 1.3 KiB per
+layer; the constants below leave a margin). So the bound is on resident memory,
+not on the logical tensor sizes alone.
 """
 
 from __future__ import annotations
@@ -26,6 +33,15 @@ from service.split_worker.metrics import WorkerMetrics
 log = logging.getLogger("tandem.split.worker")
 
 MAX_TOMBSTONES = 10_000
+#: Resident bytes a session costs besides its KV storages: the session, its cache and its dict entries ...
+SESSION_OVERHEAD_BYTES = 1024
+#: ... and, per layer of the body, the layer object and the two tensor objects (keys, values).
+LAYER_OVERHEAD_BYTES = 2048
+
+
+def session_overhead_bytes(num_layers: int) -> int:
+    """The fixed resident cost of one session of a ``num_layers``-layer body, besides its KV storages."""
+    return SESSION_OVERHEAD_BYTES + LAYER_OVERHEAD_BYTES * num_layers
 
 
 class StepError(Exception):
@@ -57,12 +73,14 @@ class KVSessionStore:
         ttl_s: float,
         max_kv_bytes: int,
         kv_bytes_per_token: int,
+        overhead_bytes: int,
         new_cache: Callable[[], DynamicCache],
         metrics: WorkerMetrics,
     ):
         self.ttl_s = ttl_s
         self.max_kv_bytes = max_kv_bytes
         self.kv_bytes_per_token = kv_bytes_per_token
+        self.overhead_bytes = overhead_bytes
         self.new_cache = new_cache
         self.metrics = metrics
         self.sessions: OrderedDict[str, BodySession] = OrderedDict()
@@ -96,7 +114,7 @@ class KVSessionStore:
             raise StepError(409, "cache_mismatch", f"session {sid} holds {session.length} positions but the step starts at {start}")
         self.sessions.move_to_end(sid)
         session.last_used = time.monotonic()
-        needed = (start + n) * self.kv_bytes_per_token
+        needed = (start + n) * self.kv_bytes_per_token + self.overhead_bytes
         if needed > self.max_kv_bytes:
             self.sessions.pop(sid, None)
             raise StepError(
@@ -108,7 +126,7 @@ class KVSessionStore:
 
     def stepped(self, session: BodySession) -> None:
         """Account for the cache a step has just grown (or cropped)."""
-        session.nbytes = cache_bytes(session.cache)
+        session.nbytes = cache_bytes(session.cache) + self.overhead_bytes
         session.last_used = time.monotonic()
         self.publish()
 

@@ -151,7 +151,7 @@ SOURCES = [
     ("serve", "mode", "--mode", ("verifier-only", "drafter-only", "verifier-only")),
     ("serve", "adaptive_draft", "--no-adaptive", (False, True, False)),
     ("serve", "log_json", "--log-json", (True, False, True)),
-    ("serve", "api_keys", "--api-key", (["a", "b"], ["c"], ["d", "e"])),
+    ("serve", "api_keys", "--api-key", (["a" * 16, "b" * 16], ["c" * 16], ["d" * 16, "e" * 16])),
     ("serve", "split_token", "--split-token", ("t1", "t2", "t3")),
     ("generate", "torch_threads", "--torch-threads", (1, 2, 3)),
     ("split-worker", "split_session_ttl_s", "--session-ttl", (5.0, 6.0, 7.0)),
@@ -200,8 +200,8 @@ def test_bool_settings_have_both_spellings(tmp_path, monkeypatch):
 
 
 def test_earlier_flag_spellings_still_work(tmp_path, monkeypatch):
-    serve = parse_settings("serve", ["--api-key", "k1", "--api-key", "k2", "--request-timeout", "5", "--shutdown-grace",
-                                     "2", "--no-adaptive"], {}, {}, tmp_path, monkeypatch)  # fmt: skip
+    serve = parse_settings("serve", ["--api-key", "k1", "--api-key", "k2", "--allow-weak-keys", "--request-timeout", "5",
+                                     "--shutdown-grace", "2", "--no-adaptive"], {}, {}, tmp_path, monkeypatch)  # fmt: skip
     assert plain(serve.api_keys) == ["k1", "k2"] and serve.request_timeout_s == 5 and serve.shutdown_grace_s == 2
     assert serve.adaptive_draft is False
     worker = parse_settings("split-worker", ["--session-ttl", "5", "--max-kv-bytes", "100", "--max-body-bytes", "2048",

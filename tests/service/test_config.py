@@ -46,7 +46,7 @@ def test_mode_is_the_routers_mode():
 
 
 def test_a_group_is_its_slice_of_the_settings():
-    settings = TandemSettings.load(max_concurrency=9, api_keys=["k"], split_session_ttl_s=5, num_draft_tokens=2)
+    settings = TandemSettings.load(max_concurrency=9, api_keys=["k"], allow_weak_keys=True, split_session_ttl_s=5, num_draft_tokens=2)
     assert settings.max_concurrency == 9  # flat, as before
     gateway = settings.group(GatewaySettings)
     assert type(gateway) is GatewaySettings and set(type(gateway).model_fields) == set(GatewaySettings.model_fields)
@@ -76,8 +76,8 @@ def test_a_slice_stands_in_for_the_whole_settings():
 @pytest.mark.parametrize(
     "filename, text",
     [
-        ("tandem.yaml", "max-concurrency: 3\nmode: drafter-only\napi_keys: [a, b]\nsplit_max_kv_bytes: 2048\n"),
-        ("tandem.toml", 'max_concurrency = 3\nmode = "drafter-only"\napi-keys = ["a", "b"]\nsplit_max_kv_bytes = 2048\n'),
+        ("tandem.yaml", "max-concurrency: 3\nmode: drafter-only\napi_keys: [a, b]\nallow_weak_keys: true\nsplit_max_kv_bytes: 2048\n"),
+        ("tandem.toml", 'max_concurrency = 3\nmode = "drafter-only"\napi-keys = ["a", "b"]\nallow-weak-keys = true\nsplit_max_kv_bytes = 2048\n'),
     ],
 )
 def test_config_file_keys_are_the_flat_setting_names(tmp_path, filename, text):

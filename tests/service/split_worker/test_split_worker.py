@@ -19,7 +19,7 @@ from decoding.partition import EdgeModel, model_fingerprint
 from decoding.verifiers import HFVerifier, VerifierUnavailableError
 from service.metrics import Metrics
 from service.split_worker.metrics import WorkerMetrics
-from service.split_worker.sessions import KVSessionStore, StepError
+from service.split_worker.sessions import KVSessionStore, StepError, session_overhead_bytes
 from tests.support.split import DEMO_VERIFIER, SPLITS, TOKEN, WorkerProcess
 
 PROMPTS = ["def main():", "import os\nimport sys\n", "class Foo(Bar):\n    def __init__(self", "x = [i * i for i in range("]
@@ -149,7 +149,7 @@ def test_session_store_refusals_and_evictions():
     from transformers import DynamicCache
 
     registry = CollectorRegistry()
-    store = KVSessionStore(ttl_s=10, max_kv_bytes=100, kv_bytes_per_token=10, new_cache=DynamicCache,
+    store = KVSessionStore(ttl_s=10, max_kv_bytes=100, kv_bytes_per_token=10, overhead_bytes=0, new_cache=DynamicCache,
                            metrics=WorkerMetrics(registry))  # fmt: skip
 
     def refused(sid, start, n) -> StepError:
@@ -238,6 +238,85 @@ def test_bad_inputs_get_clear_errors_and_the_worker_stays_up(edges, tiny_workers
     assert 'tandem_split_worker_errors_total{code="bad_tensor"}' in metrics
 
 
+HEADER_CASES = [
+    ({"layers": 5}, "layers"), ({"layers": True}, "layers"), ({"layers": 1.5}, "layers"), ({"layers": "1:2"}, "layers"),
+    ({"layers": [1, True]}, "layers"), ({"layers": [1, 2, 3]}, "layers"), ({"start": True}, "start"),
+    ({"start": 1.5}, "start"), ({"start": "0"}, "start"), ({"return_from": False}, "return_from"),
+    ({"fingerprint": 5}, "fingerprint"), ({"fingerprint": ["x"]}, "fingerprint"), ({"session": 7}, "session"),
+    ({"session": {"a": 1}}, "session"), ({"surprise": 1}, "surprise"),
+]
+
+
+def assert_envelope(resp: httpx.Response, status: int, code: str, text: str) -> None:
+    assert resp.status_code == status and resp.headers["content-type"] == "application/json", (resp.status_code, resp.text)
+    err = resp.json()["error"]
+    assert err["code"] == code and text in err["message"] and set(err) == {"message", "type", "param", "code"}, err
+
+
+def test_every_header_field_is_validated_and_every_error_is_the_json_envelope(edges, tiny_workers):
+    worker, edge = tiny_workers["1:2"], edges["1:2"]
+    for header, field in HEADER_CASES:
+        assert_envelope(post(worker, step_frame(worker, edge, **header)), 400, "bad_header", f"header '{field}")
+    # A 4,000-byte header nested 2,000 deep: refused before it is parsed, not a RecursionError.
+    deep = b'{"session":"t1","start":0,"x":' + b"[" * 1995 + b"]" * 1995 + b"}"
+    assert 4000 <= len(deep) <= wire.MAX_HEADER_BYTES
+    assert_envelope(post(worker, raw_frame(deep, 0)), 400, "bad_frame", "nests deeper")
+    deep_objects = b'{"session":"t1","start":0,"x":' + b'{"a":' * 600 + b"1" + b"}" * 600 + b"}"
+    assert_envelope(post(worker, raw_frame(deep_objects, 0)), 400, "bad_frame", "nests deeper")
+    # Brackets inside strings are not nesting.
+    frame = step_frame(worker, edge, session="t-deep", fingerprint="[[[[[[[[{{{{")
+    assert_envelope(post(worker, frame), 400, "model_mismatch", "fingerprint")
+    # Routes and methods the worker does not have.
+    assert_envelope(httpx.get(f"{worker.url}/v1/split/nope", headers=worker.headers()), 404, "not_found", "/v1/split/nope")
+    assert_envelope(httpx.get(f"{worker.url}/v1/split/step", headers=worker.headers()), 405, "method_not_allowed", "GET")
+    assert httpx.get(f"{worker.url}/health").json()["status"] == "ok" and worker.alive
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_the_kv_bound_counts_resident_bytes():
+    """One-row sessions are the worst case (overhead against KV bytes). The counted size of the sessions must
+    cover the resident memory they add, and past the bound, resident growth stays within it. (The demo
+    verifier's last two layers: its steps are the fastest of the models at hand.)"""
+    bound = 3 << 20
+    worker = WorkerProcess(DEMO_VERIFIER, "10:", extra=["--max-kv-bytes", str(bound)]).start()
+    client = httpx.Client(base_url=worker.url, headers={**worker.headers(), "content-type": wire.CONTENT_TYPE}, timeout=30)
+    info = client.get("/v1/split/info").json()
+    row = torch.randn(1, info["hidden_size"])
+
+    def open_sessions(prefix: str, count: int) -> None:
+        for i in range(count):
+            header = {"session": f"{prefix}{i}", "start": 0, "layers": info["layers"], "fingerprint": info["fingerprint"]}
+            assert client.post("/v1/split/step", content=wire.encode(header, row)).status_code == 200
+
+    def counted() -> int:
+        return client.get("/health").json()["kv_cache_bytes"]
+
+    try:
+        # The server's own first-use growth; few sessions, so that the measured ones need new memory.
+        open_sessions("warm", 50)
+        for i in range(50):
+            client.delete(f"/v1/split/sessions/warm{i}")
+        assert counted() == 0
+        rss0 = rss_bytes(worker.proc.pid)
+        open_sessions("a", 400)
+        held = counted()
+        assert held <= bound  # no eviction yet
+        grown = rss_bytes(worker.proc.pid) - rss0
+        assert grown <= held, f"400 one-row sessions grew RSS by {grown} B but are counted as {held} B"
+        # Past the bound: least recently used sessions are evicted (each leaves a tombstone of a few hundred bytes).
+        open_sessions("b", 800)
+        assert counted() <= bound
+        grown = rss_bytes(worker.proc.pid) - rss0
+        assert grown <= bound + 800 * 512, f"RSS grew by {grown} B with a {bound}-byte KV bound"
+    finally:
+        client.close()
+        worker.stop()
+
+
 def test_edge_refuses_a_worker_serving_another_slice(edges, tiny_workers):
     async def run():
         verifier = split_verifier(edges["1:2"], tiny_workers["1:3"])
@@ -308,7 +387,8 @@ def test_ttl_and_memory_eviction_are_replayed(tiny_verifier_dir, edges, tokenize
     a, b = tokenizer.encode(PROMPTS[2]), tokenizer.encode(PROMPTS[3])
     # Room for either of two sessions, not both: each evicts the other as it grows.
     room = max(len(a), len(b)) + GREEDY.max_tokens + 2
-    worker = WorkerProcess(tiny_verifier_dir, "1:2", extra=["--session-ttl", "0.6", "--max-kv-bytes", str(per_token * room)])
+    bound = per_token * room + session_overhead_bytes(1)
+    worker = WorkerProcess(tiny_verifier_dir, "1:2", extra=["--session-ttl", "0.6", "--max-kv-bytes", str(bound)])
     worker.start()
 
     async def run():
