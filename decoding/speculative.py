@@ -158,6 +158,9 @@ class Chunk:
     finish_reason: Literal["stop", "length"] | None
     event: RoundEvent
     stats: GenerationStats
+    #: What stopped the generation (vLLM's ``stop_reason``): the stop string, or the stop token id
+    #: other than EOS; None for EOS, length, or a chunk that does not finish.
+    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,7 @@ class Generation:
     text: str
     finish_reason: str
     stats: GenerationStats
+    stop_reason: int | str | None = None
 
 
 class AcceptanceTracker:
@@ -315,7 +319,7 @@ class SpeculativeRouter:
             token_ids += chunk.token_ids
             text.append(chunk.text)
         assert chunk is not None and chunk.finish_reason is not None
-        return Generation(list(prompt_ids), token_ids, "".join(text), chunk.finish_reason, chunk.stats)
+        return Generation(list(prompt_ids), token_ids, "".join(text), chunk.finish_reason, chunk.stats, chunk.stop_reason)
 
     async def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams, options: SpecOptions | None = None
@@ -382,6 +386,7 @@ class SpeculativeRouter:
                         tracker.update(k, num_accepted)
 
                 finish: Literal["stop", "length"] | None = None
+                stop_reason: int | str | None = None
                 if not params.ignore_eos and self.eos_token_id in new_tokens:
                     new_tokens = new_tokens[: new_tokens.index(self.eos_token_id) + 1]
                     finish = "stop"
@@ -403,7 +408,7 @@ class SpeculativeRouter:
                 self.cost.observe(event)
                 text = detok.push(new_tokens)
                 if detok.stopped:
-                    finish = "stop"
+                    finish, stop_reason = "stop", detok.stop_reason
                 elif finish is None and stats.generated_tokens >= limit:
                     finish = "length"
                 elif not new_tokens:  # drafter-only with a drafter that has nothing to say
@@ -417,7 +422,8 @@ class SpeculativeRouter:
                         draft.extend(new_tokens)
                 stats.drafter_forward_passes = draft.forward_passes if draft else 0
                 stats.total_time_s = time.perf_counter() - t_start
-                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, event=event, stats=stats.snapshot())
+                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, event=event, stats=stats.snapshot(),
+                            stop_reason=stop_reason)  # fmt: skip
                 if finish is not None:
                     return
         finally:

@@ -60,6 +60,7 @@ class Job:
         self.texts: list[list[str]] = [[] for _ in self.choices]
         self.stats: list[GenerationStats | None] = [None] * len(self.choices)
         self.finish: list[str | None] = [None] * len(self.choices)
+        self.stop_reasons: list[int | str | None] = [None] * len(self.choices)
         self._admit: asyncio.Future[Slot] | None = None
         self._t_admitted: float | None = None
         gw.jobs.add(self)
@@ -163,6 +164,7 @@ class Job:
                     self.stats[spec.index] = chunk.stats
                     if chunk.finish_reason is not None:
                         self.finish[spec.index] = label = chunk.finish_reason
+                        self.stop_reasons[spec.index] = chunk.stop_reason
                     self.events.put_nowait((CHUNK, spec.index, chunk))
         except asyncio.CancelledError:
             pass  # abort(): the reason is on the record; the task just ends

@@ -83,7 +83,7 @@ async def plan_request(
     prompts: list[list[int]] = []
     logged: Any
     if isinstance(body, ChatCompletionRequest):
-        text, special = render_chat(backends.tokenizer, body.conversation())
+        text, special = render_chat(backends.tokenizer, body)
         prompts.append(await _encode(backends.tokenizer, text, special))
         logged = text
     else:

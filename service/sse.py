@@ -57,7 +57,7 @@ class EventStreamResponse(Response):
 
 
 async def stream_events(
-    job: Job, first: tuple[str, int, Any], reply: ResponseBuilder, include_usage: bool
+    job: Job, first: tuple[str, int, Any], reply: ResponseBuilder, include_usage: bool, echo: list[str] | None = None
 ) -> AsyncIterator[bytes]:
     """OpenAI's streaming chunks for ``job``, starting with the already-received ``first`` event.
 
@@ -67,16 +67,21 @@ async def stream_events(
     # Without include_usage, OpenAI's chunks have no "usage" key at all (with it: null until the last).
     exclude = None if include_usage else {"usage"}
     mode = job.plan.mode
+    echo = echo or [""] * len(job.choices)
     if reply.chat:  # OpenAI opens every chat choice with the assistant role
         for c in job.choices:
-            yield event(to_json(reply.role_chunk(c.index), exclude))
+            yield event(to_json(reply.role_chunk(c.index, echo[c.index]), exclude))
+    else:
+        for c in job.choices:
+            if echo[c.index]:
+                yield event(to_json(reply.chunk(c.index, echo[c.index]), exclude))
     kind, index, payload = first
     while kind != DONE:
         if kind == CHUNK:
             c: Chunk = payload
             if c.finish_reason is not None:
                 stats = TandemStats.of(mode, [c.stats])
-                yield event(to_json(reply.chunk(index, c.text, c.finish_reason, stats), exclude))
+                yield event(to_json(reply.chunk(index, c.text, c.finish_reason, stats, stop_reason=c.stop_reason), exclude))
             elif c.text:
                 yield event(to_json(reply.chunk(index, c.text), exclude))
         else:

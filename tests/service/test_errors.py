@@ -49,7 +49,6 @@ BAD_PARAMS = [
     ({"stop": [""]}, "stop"),
     ({"stop": 5}, "stop"),
     ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 3}, "best_of"),
     ({"presence_penalty": 0.5}, "presence_penalty"),
