@@ -45,11 +45,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def push(self, token_ids: Sequence[int]) -> str:
+    def push(self, token_ids: Sequence[int], check_stop: bool = True) -> str:
         """Add generated tokens; return the text that is now final.
 
         After a stop string is found, ``stopped`` is True and the returned text
-        ends right before it.
+        ends right before it (or right after it, with ``include_stop``).
+        ``check_stop=False`` adds text no stop string may end in (vLLM's min_tokens).
         """
         if self.stopped:
             return ""
@@ -62,6 +63,8 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self._read_offset = len(self.ids)
         self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
+        if not check_stop:
+            search_from = len(self.text)  # a stop string must end after this text
         hits = [(at, s) for s in self.stop if (at := self.text.find(s, search_from)) != -1]
         if hits:  # the earliest stop string wins
             at, self.stop_reason = min(hits)

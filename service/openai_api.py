@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.fields import FieldInfo
 
+from decoding.sampling import MAX_LOGPROBS
 from decoding.speculative import MAX_DRAFT_TOKENS
 from service.errors import APIError, bad_request
 
@@ -153,9 +154,12 @@ class _GenerationRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = no_effect("an end-user id: never logged nor used as a label")
-    frequency_penalty: float | None = refused(0.0, also_neutral=(None,), example=0.5)
-    presence_penalty: float | None = refused(0.0, also_neutral=(None,), example=0.5)
-    logit_bias: dict[str, float] | None = refused(None, example={"5": 10})
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
+                                            description="Subtracted per occurrence of a token in the output so far.")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False,
+                                           description="Subtracted once from every token the output contains.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100], "
+                                                "added to the logits.")
     echo: bool | None = Field(False, description="Completions: prepend the prompt. Chat: prepend the last message's "
                               "content when it has the response's role (vLLM).")  # fmt: skip
     metadata: dict[str, Any] | None = no_effect("tandem stores nothing", example={"a": "b"})
@@ -169,15 +173,18 @@ class _GenerationRequest(BaseModel):
     # -- vLLM's extras ----------------------------------------------------------------------------
     top_k: int | None = Field(None, ge=-1, description="vLLM extra: keep the k most likely tokens; 0 or -1 = off.")
     ignore_eos: bool | None = Field(False, description="vLLM extra: keep generating after the end-of-text token.")
-    min_p: float | None = refused(0.0, also_neutral=(None,), example=0.1)
-    repetition_penalty: float | None = refused(1.0, also_neutral=(None,), example=1.2)
-    stop_token_ids: list[int] | None = refused(None, example=[1])
-    include_stop_str_in_output: bool | None = refused(False, also_neutral=(None,))
-    min_tokens: int | None = refused(0, also_neutral=(None,), example=3)
-    skip_special_tokens: bool | None = refused(True, also_neutral=(None,), example=False)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="vLLM extra: drop tokens less "
+                                "likely than min_p times the most likely one (after temperature).")
+    repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False, description="vLLM extra: > 1 "
+                                             "discourages tokens of the prompt and the output.")
+    stop_token_ids: list[int] | None = Field(None, description="vLLM extra: token ids that end the generation.")
+    include_stop_str_in_output: bool | None = Field(None, description="vLLM extra: keep the stop string in the text.")
+    min_tokens: int | None = Field(None, ge=0, description="vLLM extra: no stop token or stop string before this many tokens.")
+    skip_special_tokens: bool | None = Field(None, description="vLLM extra: leave special tokens out of the text "
+                                             "(default true).")
     spaces_between_special_tokens: bool | None = refused(True, also_neutral=(None,), example=False,
                                                          why="Hugging Face fast tokenizers have no such switch")  # fmt: skip
-    allowed_token_ids: list[int] | None = refused(None, example=[1, 2])
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, description="vLLM extra: only these tokens.")
     bad_words: list[str] | None = refused(None, example=["x"])
     use_beam_search: bool | None = refused(False, also_neutral=(None,), why="beam search")
     length_penalty: float | None = refused(1.0, also_neutral=(None,), example=0.5, why="beam search only")
@@ -202,7 +209,8 @@ class _GenerationRequest(BaseModel):
                                    "'cmpl-<request_id>' / 'chatcmpl-<request_id>'.")  # fmt: skip
     session_id: str | None = no_effect("a routing hint; one tandem server is one route")
     cache_salt: str | None = refused(None, example="salt", why="the remote verifier keys its own prefix cache")
-    return_tokens_as_token_ids: bool | None = refused(False, also_neutral=(None,))
+    return_tokens_as_token_ids: bool | None = Field(None, description="vLLM extra: logprobs name tokens "
+                                                    "'token_id:<id>' instead of by their text.")
     return_token_ids: bool | None = refused(False, also_neutral=(None,))
     return_token_offsets: bool | None = refused(False, also_neutral=(None,))
     routed_experts_prompt_start: int | None = refused(0, also_neutral=(None,), example=3, why="no mixture of experts")
@@ -245,6 +253,31 @@ class _GenerationRequest(BaseModel):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def processing(self) -> dict[str, Any]:
+        """The SamplingParams fields of vLLM's logits processing and output options, as this request sets them."""
+        bias: list[tuple[int, float]] = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                bias.append((int(key), float(value)))
+            except ValueError:
+                raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        return {
+            "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "min_p": self.min_p or 0.0,
+            "min_tokens": self.min_tokens or 0,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "include_stop_str_in_output": bool(self.include_stop_str_in_output),
+            "logit_bias": tuple(bias),
+            "allowed_token_ids": None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            "skip_special_tokens": self.skip_special_tokens is not False,
+            **self.logprob_options(),
+        }
+
+    def logprob_options(self) -> dict[str, int | None]:
+        return {}
+
 
 def _check_refused(obj: BaseModel, prefix: str = "") -> None:
     for name, field in type(obj).model_fields.items():
@@ -265,7 +298,8 @@ class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token-id lists."
     )
-    logprobs: int | None = refused(None, example=2)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Each token's logprob and this many "
+                                 "alternatives (the verifier's raw distribution, as vLLM's default).")
     suffix: str | None = refused(None, example="x")
     best_of: int | None = Field(None, ge=1, description="Only 1 (or n) is supported.")
     prompt_embeds: Any = refused(None, example="AAAA", why="text and token-id prompts only")
@@ -295,6 +329,10 @@ class CompletionRequest(_GenerationRequest):
         super().check_supported()
         if self.best_of is not None and self.best_of not in (1, self.n):
             raise bad_request("best_of is not supported by tandem; omit it or set it to 1", "best_of")
+
+    def logprob_options(self) -> dict[str, int | None]:
+        # echo with logprobs reports the prompt's tokens too (evaluation harnesses score them).
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a string to tokenize, or token ids."""
@@ -332,8 +370,9 @@ _RESERVED_TEMPLATE_KWARGS = frozenset(
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    logprobs: bool | None = refused(False, also_neutral=(None,))
-    top_logprobs: int | None = refused(0, also_neutral=(None,), example=3)
+    logprobs: bool | None = Field(False, description="Each token's logprob (the verifier's raw distribution, as "
+                                  "vLLM's default).")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token, with logprobs.")
     tools: list[dict[str, Any]] | None = refused(None, example=[{"type": "function", "function": {"name": "f"}}])
     tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' or 'auto' without tools.")
     functions: list[dict[str, Any]] | None = refused(None, example=[{"name": "f"}], why="deprecated; use tools")
@@ -376,6 +415,11 @@ class ChatCompletionRequest(_GenerationRequest):
             if key in _RESERVED_TEMPLATE_KWARGS:
                 raise bad_request(f"chat_template_kwargs may not set {key!r}: use the request's own field",
                                   f"chat_template_kwargs.{key}")  # fmt: skip
+
+    def logprob_options(self) -> dict[str, int | None]:
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
     @property
     def response_role(self) -> str:

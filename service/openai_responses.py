@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from pydantic_core import PydanticSerializationError
 from typing_extensions import TypedDict  # pydantic needs typing_extensions' on Python < 3.12
 
+from decoding.logprobs import TokenLogprob
 from decoding.speculative import GenerationStats
 from service.http import dumps
 
@@ -125,6 +126,71 @@ class ChatTokenLogprob(TopLogprob):
 
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None
+
+
+#: JSON has no -inf: a token the processing forbade is reported at vLLM's floor.
+LOGPROB_FLOOR = -9999.0
+
+
+class LogprobsFormatter:
+    """Turns decoding.logprobs.TokenLogprob entries into OpenAI's completions or chat shape.
+
+    Token strings are the token's own text (``tokenizer.decode([id])``), or ``token_id:<id>``
+    with vLLM's ``return_tokens_as_token_ids``.
+    """
+
+    def __init__(self, tokenizer: Any, chat: bool, as_ids: bool = False):
+        self.tokenizer = tokenizer
+        self.chat = chat
+        self.as_ids = as_ids
+        self._text: dict[int, str] = {}
+
+    def token(self, token_id: int) -> str:
+        if self.as_ids:
+            return f"token_id:{token_id}"
+        text = self._text.get(token_id)
+        if text is None:
+            text = self._text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def completion(
+        self, entries: Sequence[TokenLogprob], offset: int = 0, prompt: Sequence[int] | None = None,
+        prompt_entries: Sequence[TokenLogprob] | None = None,
+    ) -> tuple[CompletionLogprobs, int]:  # fmt: skip
+        """Completions' logprobs for ``entries`` (after the echoed ``prompt``, whose first token has none);
+        text offsets count from ``offset``. Returns them and the offset after the last token."""
+        out = CompletionLogprobs()
+        rows: list[tuple[int, TokenLogprob | None]] = []
+        if prompt is not None:
+            rows.append((prompt[0], None))
+            rows += [(e.token_id, e) for e in prompt_entries or ()]
+        rows += [(e.token_id, e) for e in entries]
+        for token_id, e in rows:
+            text = self.token(token_id)
+            out.tokens.append(text)
+            out.text_offset.append(offset)
+            offset += len(text)
+            if e is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(max(e.logprob, LOGPROB_FLOOR))
+            top: dict[str, float] = {}
+            for t, lp in e.top:  # two ids may share a text (byte tokens): the likelier one keeps it
+                top.setdefault(self.token(t), max(lp, LOGPROB_FLOOR))
+            top.setdefault(text, max(e.logprob, LOGPROB_FLOOR))  # vLLM adds the chosen token
+            out.top_logprobs.append(top)
+        return out, offset
+
+    def chat_logprobs(self, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+        content = []
+        for e in entries:
+            text = self.token(e.token_id)
+            top = [TopLogprob(token=(t := self.token(i)), logprob=max(lp, LOGPROB_FLOOR), bytes=list(t.encode("utf-8")))
+                   for i, lp in e.top]  # fmt: skip
+            content.append(ChatTokenLogprob(token=text, logprob=max(e.logprob, LOGPROB_FLOOR),
+                                            bytes=list(text.encode("utf-8")), top_logprobs=top))  # fmt: skip
+        return ChatLogprobs(content=content)
 
 
 # -- choices --------------------------------------------------------------------------------------------

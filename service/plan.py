@@ -119,6 +119,7 @@ async def plan_request(
             seed=body.seed,
             stop=body.stop_list(),
             ignore_eos=bool(body.ignore_eos),
+            **body.processing(),
         )
         router.check_request(ids, params, options)  # the context check: prompt + max_tokens
         for j in range(n):

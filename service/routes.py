@@ -37,6 +37,7 @@ from service.openai_responses import (
     ChoiceOutput,
     CompletionResponse,
     ErrorResponse,
+    LogprobsFormatter,
     DetokenizeResponse,
     ModelCard,
     ModelList,
@@ -102,6 +103,9 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
     echo = _echo_prefixes(body, plan, gw.backends.tokenizer)
     job = Job(gw, plan, request.receive, record)
     role = body.response_role if isinstance(body, ChatCompletionRequest) else "assistant"
+    formatter = None
+    if body.logprobs is not None and body.logprobs is not False:
+        formatter = LogprobsFormatter(gw.backends.tokenizer, chat, bool(body.return_tokens_as_token_ids))
     reply = ResponseBuilder.for_request(chat, gw.settings.model_name, gw.fingerprint, body.request_id, role)
     handed_off = False
     try:
@@ -113,7 +117,7 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
             if first[0] in (ERROR, ABORT):
                 job.raise_for(first[0], first[2])
             handed_off = True
-            return EventStreamResponse(job, stream_events(job, first, reply, body.include_usage, echo))
+            return EventStreamResponse(job, stream_events(job, first, reply, body.include_usage, echo, formatter))
         await job.wait()
     except ClientGone:
         return error_response(APIError(499, "client closed the request", code="client_closed"))
@@ -128,6 +132,13 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
         ChoiceOutput(text=prefix + text, finish_reason=finish, stop_reason=stop)
         for prefix, text, finish, stop in zip(echo, texts, job.finish, job.stop_reasons, strict=True)
     ]
+    if formatter is not None:
+        for i, out in enumerate(outputs):
+            if chat:
+                out.logprobs = formatter.chat_logprobs(job.logprobs[i])
+            else:
+                prompt = plan.choices[i].prompt_ids if body.echo else None
+                out.logprobs, _ = formatter.completion(job.logprobs[i], 0, prompt, job.prompt_logprobs[i])
     usage = Usage.of(plan.prompt_tokens, job.completion_tokens)
     response = reply.response(outputs, usage, TandemStats.of(plan.mode, job.choice_stats))
     return Response(to_json(response), media_type="application/json")

@@ -168,3 +168,107 @@ def test_tokenize_refuses_bad_bodies_with_400(server, body):
     path = "/detokenize" if "tokens" in body else "/tokenize"
     r = server.http.post(path, json=body)
     assert r.status_code == 400 and "error" in r.json()
+
+
+# -- vLLM's logits processing, through the API ------------------------------------------------------------
+
+
+def test_processing_fields_reach_the_decoding_core(server, tiny_tokenizer):
+    """Each processing field changes the output as vLLM's does; speculative equals verifier-only (greedy)."""
+    base = {"prompt": "x = x + x + x + x", "max_tokens": 24, **NOEOS}
+    plain = complete(server, **base)["choices"][0]["text"]
+    for extra in ({"repetition_penalty": 2.5}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        spec = complete(server, **base, **extra)["choices"][0]["text"]
+        alone = complete(server, **base, **extra, tandem={"mode": "verifier-only"})["choices"][0]["text"]
+        assert spec == alone != plain, extra
+    sampled = [complete(server, **base, temperature=1.0, seed=s, min_p=0.999)["choices"][0]["text"] for s in (1, 2)]
+    assert sampled == [plain, plain]  # min_p near 1 keeps only the most likely token: greedy
+
+    forced = tiny_tokenizer.encode(" y", add_special_tokens=False)[-1]
+    r = complete(server, **base, logit_bias={str(forced): 100})
+    assert set(tiny_tokenizer.encode(r["choices"][0]["text"], add_special_tokens=False)) <= {forced}
+    allowed = [forced, forced + 1]
+    r = complete(server, **base, allowed_token_ids=allowed, temperature=1.0, seed=3)
+    assert r["usage"]["completion_tokens"] == 24
+
+    ids = tokenize(server, prompt=base["prompt"])["tokens"]
+    free = complete(server, prompt=ids, max_tokens=24, **NOEOS, logprobs=0, return_tokens_as_token_ids=True)
+    stop_token = int(free["choices"][0]["logprobs"]["tokens"][4].removeprefix("token_id:"))
+    r = complete(server, prompt=ids, max_tokens=24, stop_token_ids=[stop_token], **NOEOS)["choices"][0]
+    assert r["finish_reason"] == "stop" and r["stop_reason"] == stop_token
+    kept = complete(server, prompt=ids, max_tokens=24, stop_token_ids=[stop_token], include_stop_str_in_output=True,
+                    **NOEOS)["choices"][0]  # fmt: skip
+    assert kept["text"].startswith(r["text"]) and len(kept["text"]) > len(r["text"])
+    late = complete(server, prompt=ids, max_tokens=24, stop_token_ids=[stop_token], min_tokens=24, **NOEOS)
+    assert late["usage"]["completion_tokens"] == 24
+
+    eos = tiny_tokenizer.eos_token_id
+    special = {"prompt": "a", "max_tokens": 3, "logit_bias": {str(eos): 100}, **NOEOS}
+    assert complete(server, **special)["choices"][0]["text"] == ""
+    assert tiny_tokenizer.eos_token in complete(server, **special, skip_special_tokens=False)["choices"][0]["text"]
+
+    r = server.http.post("/v1/completions", json={"model": "tandem", **base, "min_tokens": 50})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    r = server.http.post("/v1/completions", json={"model": "tandem", **base, "logit_bias": {"x": 1}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+# -- logprobs ---------------------------------------------------------------------------------------------
+
+
+def test_logprobs_on_both_endpoints_streamed_and_not(server):
+    client = server.client()
+    r = client.completions.create(model="tandem", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                  extra_body=NOEOS)  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 8
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and 1 <= len(top) <= 4  # texts shared by several ids (byte tokens) merge
+        assert top[token] == pytest.approx(logprob) == max(top.values())  # greedy: the chosen token is the likeliest
+    streamed = list(client.completions.create(model="tandem", prompt=PROMPT, max_tokens=8, temperature=0, logprobs=3,
+                                              stream=True, extra_body=NOEOS))  # fmt: skip
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    values = [v for c in streamed if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert tokens == lp.tokens and values == pytest.approx(lp.token_logprobs, abs=1e-5)
+
+    chat = client.chat.completions.create(model="tandem", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2, extra_body=NOEOS)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 6 and "".join(c.token for c in content) == chat.choices[0].message.content
+    assert all(len(c.top_logprobs) == 2 and c.bytes == list(c.token.encode()) for c in content)
+    assert all(c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content)
+    bare = client.chat.completions.create(model="tandem", messages=MESSAGES, max_tokens=3, logprobs=True)
+    assert all(c.top_logprobs == [] for c in bare.choices[0].logprobs.content)
+    assert client.chat.completions.create(model="tandem", messages=MESSAGES, max_tokens=3).choices[0].logprobs is None
+    r = server.http.post("/v1/chat/completions", json={"model": "tandem", "messages": MESSAGES, "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, tiny_tokenizer):
+    """What evaluation harnesses send for loglikelihood tasks (lm-eval: echo, logprobs, max_tokens 1)."""
+    r = complete(server, prompt=PROMPT, max_tokens=1, echo=True, logprobs=1)["choices"][0]
+    lp = r["logprobs"]
+    prompt_ids = tiny_tokenizer.encode(PROMPT)
+    assert len(lp["tokens"]) == len(prompt_ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(v <= 0 for v in lp["token_logprobs"][1:])
+    assert "".join(lp["tokens"]) == r["text"]
+    # the same numbers as scoring the prompt token by token through completions
+    prefix = prompt_ids[:-1]
+    last = complete(server, prompt=prefix, max_tokens=1, logprobs=5, add_special_tokens=False)["choices"][0]["logprobs"]
+    target = lp["tokens"][len(prompt_ids) - 1]
+    if target in last["top_logprobs"][0]:
+        assert last["top_logprobs"][0][target] == pytest.approx(lp["token_logprobs"][len(prompt_ids) - 1], abs=1e-4)
+    ids = tokenize(server, prompt=PROMPT, return_token_strs=True)
+    streamed = _sse(server, "/v1/completions", {"model": "tandem", "prompt": PROMPT, "max_tokens": 1, "echo": True,
+                                                "logprobs": 1, "stream": True, "temperature": 0})  # fmt: skip
+    tokens = [t for c in streamed for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert tokens == lp["tokens"] and len(tokens) == ids["count"] + 1
+
+
+def test_return_tokens_as_token_ids(server, tiny_tokenizer):
+    r = complete(server, prompt=PROMPT, max_tokens=4, logprobs=1, return_tokens_as_token_ids=True, **NOEOS)["choices"][0]
+    ids = [int(t.removeprefix("token_id:")) for t in r["logprobs"]["tokens"]]
+    assert tiny_tokenizer.decode(ids) == r["text"]

@@ -76,6 +76,14 @@ HONOURED = {
     "continue_final_message": "tests.service.test_api_fidelity::test_chat_template_controls_match_the_rendered_prompt",
     "chat_template_kwargs": "tests.service.test_api_fidelity::test_chat_template_kwargs_reach_the_template",
     "documents": "tests.service.test_api_fidelity::test_chat_template_kwargs_reach_the_template",
+    "logprobs": "tests.service.test_api_fidelity::test_logprobs_on_both_endpoints_streamed_and_not",
+    "top_logprobs": "tests.service.test_api_fidelity::test_logprobs_on_both_endpoints_streamed_and_not",
+    "return_tokens_as_token_ids": "tests.service.test_api_fidelity::test_return_tokens_as_token_ids",
+    **dict.fromkeys(
+        ["frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias", "min_p", "min_tokens",
+         "stop_token_ids", "include_stop_str_in_output", "allowed_token_ids", "skip_special_tokens"],
+        "tests.service.test_api_fidelity::test_processing_fields_reach_the_decoding_core",
+    ),  # fmt: skip
 }
 
 
