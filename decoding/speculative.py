@@ -17,6 +17,7 @@ models alike). ``verifier-only`` is the same loop with k = 0, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -36,6 +37,7 @@ from decoding.logits_processors import LogitsPipeline
 from decoding.logprobs import TokenLogprob, token_logprobs
 from decoding.modes import MODES, Mode
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
+from decoding.structured import Grammar, GrammarCompiler, GrammarSpec
 from decoding.verifiers import Verifier, VerifierUnavailableError
 
 MAX_DRAFT_TOKENS = 32
@@ -284,8 +286,17 @@ class SpeculativeRouter:
         self.fallback = fallback
         self.cost = CostEstimator(drafter.cost_ratio if drafter else 0.0, measured=measure_cost)
         self.eos_token_id: int | None = tokenizer.eos_token_id
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
 
     # -- request checks -------------------------------------------------------
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """Compile a structured-output grammar for this router's tokenizer (off the event loop; cached)."""
+        if self._grammars is None:
+            self._grammars = await asyncio.to_thread(
+                GrammarCompiler, self.tokenizer, self.verifier.vocab_size, self.eos_token_id
+            )
+        return await asyncio.to_thread(self._grammars.compile, spec)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)

@@ -66,15 +66,18 @@ class GrammarCompiler:
         self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
         self.vocab_size = vocab_size
         self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=1)
+        self._safe: dict[bool, torch.Tensor] = {}
 
     def compile(self, spec: GrammarSpec) -> Grammar:
         """Raises StructuredOutputError (a 400 naming ``spec.param``) when the grammar is invalid."""
         c = self._compiler
         try:
-            if spec.kind == "json_object":
-                compiled = c.compile_builtin_json_grammar()
-            elif spec.kind == "json_schema":
-                compiled = c.compile_json_schema(spec.source, any_whitespace=spec.any_whitespace)
+            # As vLLM's xgrammar backend: json_object is the schema {"type": "object"}, and "no whitespace"
+            # needs compact separators as well as any_whitespace=False.
+            separators = None if spec.any_whitespace else (",", ":")
+            if spec.kind in ("json_object", "json_schema"):
+                schema = '{"type": "object"}' if spec.kind == "json_object" else spec.source
+                compiled = c.compile_json_schema(schema, any_whitespace=spec.any_whitespace, separators=separators)
             elif spec.kind == "regex":
                 compiled = c.compile_regex(spec.source)
             elif spec.kind == "choice":
@@ -89,7 +92,25 @@ class GrammarCompiler:
             raise
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's message
             raise StructuredOutputError(f"invalid {spec.kind.replace('_', ' ')}: {_engine_message(exc)}", spec.param) from None
-        return Grammar(compiled, self.vocab_size, tuple(self.info.stop_token_ids))
+        allowed = self._json_safe(spec.any_whitespace) if spec.kind in ("json_object", "json_schema") else None
+        return Grammar(compiled, self.vocab_size, tuple(self.info.stop_token_ids), allowed)
+
+    def _json_safe(self, any_whitespace: bool) -> torch.Tensor:
+        """Bitmask [words] int32 of the tokens without a control character JSON forbids.
+
+        JSON allows U+0000-U+001F nowhere but \t \n \r as whitespace between tokens; xgrammar 0.2.9's rule
+        for strings with minLength/maxLength (``[^"\\\r\n]``) admits the others, and strict parsers
+        (pydantic, JavaScript) then reject the output. Masking those tokens closes that gap.
+        """
+        cached = self._safe.get(any_whitespace)
+        if cached is None:
+            bad = set(range(32)) - ({9, 10, 13} if any_whitespace else set())
+            words = [0] * ((self.vocab_size + 31) // 32)
+            for token, text in enumerate(self.info.decoded_vocab[: self.vocab_size]):
+                if not bad.intersection(text):
+                    words[token // 32] |= 1 << (token % 32)
+            cached = self._safe[any_whitespace] = _int32(words)
+        return cached
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,8 @@ class Grammar:
     compiled: Any  # xgrammar.CompiledGrammar
     vocab_size: int
     stop_token_ids: tuple[int, ...]
+    #: A bitmask [words] int32 ANDed with every mask (tokens the grammar engine wrongly admits); None: none.
+    allowed: torch.Tensor | None = None
 
     def start(self) -> GrammarState:
         return GrammarState(self)
@@ -116,6 +139,7 @@ class GrammarState:
         self.matcher = xgrammar.GrammarMatcher(grammar.compiled)
         self.words = (grammar.vocab_size + 31) // 32
         self.pending: list[int] = []  # tokens accepted beyond the committed output
+        self.taken: list[bool] = []  # per pending token: did the matcher consume it
         self.masks: list[torch.Tensor] = [self._fill()]  # masks[i]: the bitmask after pending[:i], [words] int32
 
     def _fill(self) -> torch.Tensor:
@@ -125,10 +149,11 @@ class GrammarState:
             words = [0] * self.words
             for t in self.grammar.stop_token_ids:
                 words[t // 32] |= 1 << (t % 32)
-            # Bit 31 is the int32 sign bit.
-            return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+            return _int32(words)
         mask = self._xgr.allocate_token_bitmask(1, self.grammar.vocab_size)
         self.matcher.fill_next_token_bitmask(mask)
+        if self.grammar.allowed is not None:
+            mask[0] &= self.grammar.allowed
         return mask[0]
 
     def _advance(self, tokens: Sequence[int]) -> int:
@@ -139,13 +164,24 @@ class GrammarState:
                 break
             common += 1
         if len(self.pending) > common:
-            self.matcher.rollback(len(self.pending) - common)
+            # Only tokens the matcher itself took count for rollback (not stop tokens after its end).
+            self.matcher.rollback(sum(self.taken[common:]))
             del self.pending[common:]
+            del self.taken[common:]
             del self.masks[common + 1 :]
         for t in tokens[common:]:
-            if not self.matcher.accept_token(t):
+            if self.matcher.is_terminated():
+                # After the grammar's end only stop tokens may follow (a drafter may draft past EOS);
+                # the router stops at the first of them anyway.
+                if t not in self.grammar.stop_token_ids:
+                    break
+                taken = False
+            elif self.matcher.accept_token(t):
+                taken = True
+            else:
                 break
             self.pending.append(t)
+            self.taken.append(taken)
             self.masks.append(self._fill())
         return len(self.pending)
 
@@ -176,4 +212,10 @@ class GrammarState:
             raise StructuredOutputError("a committed token violates the grammar", None)
         self.masks = self.masks[len(tokens) :]
         self.pending = []
+        self.taken = []
 
+
+
+def _int32(words: list[int]) -> torch.Tensor:
+    """32-bit words (as unsigned ints) -> an int32 bitmask tensor; bit 31 is the sign bit."""
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)

@@ -27,6 +27,7 @@ from pydantic.fields import FieldInfo
 
 from decoding.sampling import MAX_LOGPROBS
 from decoding.speculative import MAX_DRAFT_TOKENS
+from decoding.structured import GrammarSpec
 from service.errors import APIError, bad_request
 
 log = logging.getLogger("tandem.gateway")
@@ -134,9 +135,34 @@ class TandemOptions(BaseModel):
     adaptive: bool | None = Field(None, description="Adapt k to the acceptance (default: the server's setting).")
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` (StructuredOutputsParams)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = Field(False, description="No whitespace between JSON tokens.")
+    disable_additional_properties: bool = Field(False, description="Objects get only the schema's properties (always "
+                                                "so here unless the schema allows more: xgrammar's strict mode).")
+    whitespace_pattern: str | None = refused(None, example=" ")
+    structural_tag: Any = refused(None, example={"a": 1})
 
 
 class _GenerationRequest(BaseModel):
@@ -196,13 +222,17 @@ class _GenerationRequest(BaseModel):
     add_special_tokens: bool | None = Field(None, description="vLLM extra: add the tokenizer's special tokens (BOS) "
                                             "when encoding the prompt. Default: yes for completions; for chat, "
                                             "only when the default template is used.")  # fmt: skip
-    response_format: ResponseFormat | None = refused(None, also_neutral=({"type": "text"},), example={"type": "json_object"})
-    structured_outputs: dict[str, Any] | None = refused(None, example={"choice": ["a", "b"]})
-    guided_json: Any = refused(None, example={"type": "object"})
-    guided_regex: str | None = refused(None, example="[ab]+")
-    guided_choice: list[str] | None = refused(None, example=["a", "b"])
-    guided_grammar: str | None = refused(None, example='root ::= "a"')
-    guided_decoding_backend: str | None = refused(None, example="outlines", why="tandem's grammar engine is xgrammar")
+    response_format: ResponseFormat | None = Field(None, description="{'type': 'text' | 'json_object' | "
+                                                   "'json_schema', 'json_schema': {'name', 'schema', 'strict'}}: the "
+                                                   "output follows it (xgrammar, applied to drafter and verifier).")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM extra: exactly one of json, regex, "
+                                                         "choice, grammar, json_object.")
+    guided_json: str | dict[str, Any] | None = Field(None, description="vLLM's older name for structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="vLLM's older name for structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name for structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="vLLM's older name for structured_outputs.grammar.")
+    guided_decoding_backend: str | None = refused(None, also_neutral=("xgrammar", "auto"), example="outlines",
+                                                  why="tandem's grammar engine is xgrammar")  # fmt: skip
     guided_whitespace_pattern: str | None = refused(None, example=" ")
     priority: int | None = refused(0, also_neutral=(None,), example=1, why="no priority scheduling")
     request_id: str | None = Field(None, max_length=128, description="vLLM extra: the response id becomes "
@@ -247,11 +277,44 @@ class _GenerationRequest(BaseModel):
         _check_refused(self)
         if self.stream_options is not None:
             _check_refused(self.stream_options, "stream_options.")
+        if self.structured_outputs is not None:
+            _check_refused(self.structured_outputs, "structured_outputs.")
         if self.model_extra:
             warn_unknown_fields(self.model_extra)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def grammar_spec(self, any_whitespace: bool = True) -> GrammarSpec | None:
+        """The grammar the output must follow, from whichever field asked for one (at most one may).
+        ``any_whitespace``: the server's default for JSON (vLLM's disable_any_whitespace, negated)."""
+        found: list[GrammarSpec] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(GrammarSpec("json_object", any_whitespace=any_whitespace, param="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.json_schema if rf.json_schema is not None else None
+            if schema is None:
+                raise bad_request("response_format json_schema needs json_schema.schema", "response_format.json_schema")
+            found.append(GrammarSpec("json_schema", json.dumps(schema), any_whitespace=any_whitespace,
+                                     param="response_format.json_schema"))  # fmt: skip
+        so = self.structured_outputs
+        if so is not None:
+            whitespace = any_whitespace and not so.disable_any_whitespace
+            for kind, value in (("json_schema", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar), ("json_object", so.json_object or None)):  # fmt: skip
+                if value is not None:
+                    key = "json" if kind == "json_schema" else kind
+                    found.append(_spec(kind, value, whitespace, f"structured_outputs.{key}"))
+        for kind, name in (("json_schema", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice"),
+                           ("grammar", "guided_grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                found.append(_spec(kind, value, any_whitespace, name))
+        if len(found) > 1:
+            raise bad_request(f"only one kind of structured output may be set; got {', '.join(f.param for f in found)}",
+                              found[1].param)  # fmt: skip
+        return found[0] if found else None
 
     def processing(self) -> dict[str, Any]:
         """The SamplingParams fields of vLLM's logits processing and output options, as this request sets them."""
@@ -277,6 +340,14 @@ class _GenerationRequest(BaseModel):
 
     def logprob_options(self) -> dict[str, int | None]:
         return {}
+
+
+def _spec(kind: str, value: Any, any_whitespace: bool, param: str) -> GrammarSpec:
+    if kind == "json_schema" and not isinstance(value, str):
+        value = json.dumps(value)
+    if kind == "choice":
+        value = tuple(value)
+    return GrammarSpec(kind, value, any_whitespace=any_whitespace, param=param)  # type: ignore[arg-type]
 
 
 def _check_refused(obj: BaseModel, prefix: str = "") -> None:

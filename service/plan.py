@@ -96,6 +96,8 @@ async def plan_request(
     if record is not None and settings.log_prompts:
         record.prompt = logged
 
+    spec = body.grammar_spec(any_whitespace=not settings.structured_outputs_disable_any_whitespace)
+    grammar = await router.compile_grammar(spec) if spec is not None else None
     requested = body.requested_max_tokens()
     limit = settings.max_prompt_tokens
     max_context = router.verifier.max_context
@@ -120,6 +122,7 @@ async def plan_request(
             stop=body.stop_list(),
             ignore_eos=bool(body.ignore_eos),
             **body.processing(),
+            grammar=grammar,
         )
         router.check_request(ids, params, options)  # the context check: prompt + max_tokens
         for j in range(n):
