@@ -28,6 +28,7 @@ from pydantic.fields import FieldInfo
 from decoding.sampling import MAX_LOGPROBS
 from decoding.speculative import MAX_DRAFT_TOKENS
 from decoding.structured import GrammarSpec
+from service.tools import NamedToolChoice, Tool, ToolChoice, forced_grammar, template_reads_tools
 from service.errors import APIError, bad_request
 
 log = logging.getLogger("tandem.gateway")
@@ -444,8 +445,11 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = Field(False, description="Each token's logprob (the verifier's raw distribution, as "
                                   "vLLM's default).")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token, with logprobs.")
-    tools: list[dict[str, Any]] | None = refused(None, example=[{"type": "function", "function": {"name": "f"}}])
-    tool_choice: str | dict[str, Any] | None = Field(None, description="Only 'none' or 'auto' without tools.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call, rendered by the model's chat "
+                                     "template (400 when it has no tool support).")
+    tool_choice: ToolChoice | None = Field(None, description="'none', 'auto' (default with tools: calls parsed from "
+                                           "<tool_call> tags), 'required' or a named function (both enforced by a "
+                                           "grammar, as vLLM does).")  # fmt: skip
     functions: list[dict[str, Any]] | None = refused(None, example=[{"name": "f"}], why="deprecated; use tools")
     function_call: str | dict[str, Any] | None = refused(None, also_neutral=("none", "auto"), example={"name": "f"},
                                                          why="deprecated; use tool_choice")  # fmt: skip
@@ -473,8 +477,12 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice is not supported by tandem", "tool_choice")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise bad_request("tool_choice needs tools", "tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.name not in {t.function.name for t in self.tools or ()}:
+            raise bad_request(f"tool_choice names the function {choice.name!r}, which is not among the tools",
+                              "tool_choice")  # fmt: skip
         if self.continue_final_message and self.add_generation_prompt:
             raise bad_request(
                 "continue_final_message and add_generation_prompt cannot both be true: set add_generation_prompt "
@@ -486,6 +494,21 @@ class ChatCompletionRequest(_GenerationRequest):
             if key in _RESERVED_TEMPLATE_KWARGS:
                 raise bad_request(f"chat_template_kwargs may not set {key!r}: use the request's own field",
                                   f"chat_template_kwargs.{key}")  # fmt: skip
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        """The tool choice in force: 'none' without tools, OpenAI's default 'auto' with them."""
+        if not self.tools:
+            return "none"
+        return self.tool_choice if self.tool_choice is not None else "auto"
+
+    def grammar_spec(self, any_whitespace: bool = True) -> GrammarSpec | None:
+        spec = super().grammar_spec(any_whitespace)
+        forced = forced_grammar(self.tools or [], self.effective_tool_choice, self.parallel_tool_calls, any_whitespace)
+        if forced is not None and spec is not None:
+            raise bad_request(f"tool_choice {self.tool_choice!r} and {spec.param} both constrain the output; "
+                              "set one", spec.param)  # fmt: skip
+        return forced or spec
 
     def logprob_options(self) -> dict[str, int | None]:
         if self.top_logprobs and not self.logprobs:
@@ -552,6 +575,13 @@ def render_chat(tokenizer: Any, body: ChatCompletionRequest) -> tuple[str, bool]
     kwargs = dict(body.chat_template_kwargs or {})
     if body.documents is not None:
         kwargs["documents"] = body.documents
+    if body.effective_tool_choice != "none":
+        if not isinstance(template, str) or not template_reads_tools(template):
+            raise bad_request(
+                "this model's chat template has no tool support (it never renders 'tools'), so the model cannot "
+                "see them; serve a model whose template supports tools, or send tool_choice 'none'", "tools",
+            )  # fmt: skip
+        kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools or ()]
     try:
         text = tokenizer.apply_chat_template(
             body.conversation(),
@@ -601,6 +631,7 @@ class TokenizeChatRequest(BaseModel):
     return_token_strs: bool | None = False
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
 
     def as_chat_request(self) -> ChatCompletionRequest:
         body = ChatCompletionRequest.model_validate(

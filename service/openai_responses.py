@@ -326,8 +326,7 @@ class ResponseBuilder:
             for i, o in enumerate(outputs):
                 calls = o.tool_calls or []
                 message = ChatMessageOut(role=self.role, content=None if calls and not o.text else o.text, tool_calls=calls)
-                finish = "tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason
-                choices.append(ChatChoice(index=i, message=message, logprobs=o.logprobs, finish_reason=finish,  # type: ignore[arg-type]
+                choices.append(ChatChoice(index=i, message=message, logprobs=o.logprobs, finish_reason=o.finish_reason,  # type: ignore[arg-type]
                                           stop_reason=o.stop_reason))  # fmt: skip
             return ChatCompletionResponse(**head, choices=choices, usage=usage, tandem=tandem)
         return CompletionResponse(
@@ -362,8 +361,6 @@ class ResponseBuilder:
                      "function": {"name": c.function.name, "arguments": c.function.arguments}}
                     for i, c in enumerate(tool_calls)
                 ]  # fmt: skip
-                if finish_reason == "stop":
-                    finish_reason = "tool_calls"
             choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,  # type: ignore[arg-type]
                                      stop_reason=stop_reason)  # fmt: skip
             return ChatCompletionChunk(**self._head(), choices=[choice], tandem=tandem)

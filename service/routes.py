@@ -49,6 +49,7 @@ from service.openai_responses import (
     to_json,
 )
 from service.plan import Plan, plan_request
+from service.tools import NamedToolChoice, parse_tool_calls
 from service.sse import EventStreamResponse, stream_events
 
 router = APIRouter()
@@ -117,7 +118,10 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
             if first[0] in (ERROR, ABORT):
                 job.raise_for(first[0], first[2])
             handed_off = True
-            return EventStreamResponse(job, stream_events(job, first, reply, body.include_usage, echo, formatter))
+            tools = _tool_calls if chat and body.effective_tool_choice != "none" else None
+            events = stream_events(job, first, reply, body.include_usage, echo, formatter,
+                                   (lambda out: tools(out, body)) if tools else None)  # fmt: skip
+            return EventStreamResponse(job, events)
         await job.wait()
     except ClientGone:
         return error_response(APIError(499, "client closed the request", code="client_closed"))
@@ -132,6 +136,9 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
         ChoiceOutput(text=prefix + text, finish_reason=finish, stop_reason=stop)
         for prefix, text, finish, stop in zip(echo, texts, job.finish, job.stop_reasons, strict=True)
     ]
+    if chat and body.effective_tool_choice != "none":
+        for out in outputs:
+            _tool_calls(out, body)
     if formatter is not None:
         for i, out in enumerate(outputs):
             if chat:
@@ -142,6 +149,16 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
     usage = Usage.of(plan.prompt_tokens, job.completion_tokens)
     response = reply.response(outputs, usage, TandemStats.of(plan.mode, job.choice_stats))
     return Response(to_json(response), media_type="application/json")
+
+
+def _tool_calls(out: ChoiceOutput, body: ChatCompletionRequest) -> None:
+    """Parse the calls out of a finished choice; its finish reason becomes tool_calls when the model chose
+    to call (auto, required), as vLLM reports it."""
+    content, calls = parse_tool_calls(out.text, body.tools or [], body.effective_tool_choice)
+    if calls:
+        out.text, out.tool_calls = content or "", calls
+        if out.finish_reason == "stop" and not isinstance(body.effective_tool_choice, NamedToolChoice):
+            out.finish_reason = "tool_calls"
 
 
 def _echo_prefixes(body: CompletionRequest | ChatCompletionRequest, plan: Plan, tokenizer: Any) -> list[str]:
