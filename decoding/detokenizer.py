@@ -19,9 +19,21 @@ _CONTEXT_TOKENS = 5
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: Sequence[str] = ()):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop: Sequence[str] = (),
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
+        #: Keep the stop string at the end of the text (vLLM's include_stop_str_in_output).
+        self.include_stop = include_stop
+        self.skip_special_tokens = skip_special_tokens
+        #: The stop string that ended the text, once ``stopped``.
+        self.stop_reason: str | None = None
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
         self._prefix_offset = 0
@@ -31,13 +43,14 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def push(self, token_ids: Sequence[int]) -> str:
+    def push(self, token_ids: Sequence[int], check_stop: bool = True) -> str:
         """Add generated tokens; return the text that is now final.
 
         After a stop string is found, ``stopped`` is True and the returned text
-        ends right before it.
+        ends right before it (or right after it, with ``include_stop``).
+        ``check_stop=False`` adds text no stop string may end in (vLLM's min_tokens).
         """
         if self.stopped:
             return ""
@@ -50,9 +63,12 @@ class IncrementalDetokenizer:
         self.text += full[len(prefix) :]
         self._read_offset = len(self.ids)
         self._prefix_offset = max(0, self._read_offset - _CONTEXT_TOKENS)
-        hits = [at for s in self.stop if (at := self.text.find(s, search_from)) != -1]
+        if not check_stop:
+            search_from = len(self.text)  # a stop string must end after this text
+        hits = [(at, s) for s in self.stop if (at := self.text.find(s, search_from)) != -1]
         if hits:  # the earliest stop string wins
-            self.text = self.text[: min(hits)]
+            at, self.stop_reason = min(hits)
+            self.text = self.text[: at + len(self.stop_reason) if self.include_stop else at]
             self.stopped = True
             return self._release(final=True)
         return self._release(final=False)

@@ -19,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from decoding.causal_lm import CachedSequence, CausalLM
+from decoding.logits_processors import LogitsPipeline
 from decoding.sampling import SamplingParams, logits_to_probs, sample
 
 
@@ -35,6 +36,9 @@ class Draft:
 
     tokens: list[int]
     probs: torch.Tensor | None = None
+    #: [len(tokens), V] float32 logits each token was drawn from, before any processing but the
+    #: grammar's (what logprobs report); kept only when the request asks for logprobs.
+    logits: torch.Tensor | None = None
 
 
 EMPTY_DRAFT = Draft(tokens=[])
@@ -60,7 +64,17 @@ class Drafter(Protocol):
     #: Cost of one drafter step relative to one verifier pass (the classic c).
     cost_ratio: float
 
-    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> DraftSession: ...
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        generator: torch.Generator,
+        processing: LogitsPipeline | None = None,
+    ) -> DraftSession:
+        """A session for one request. ``processing`` is the request's logits pipeline, shared with the
+        verification (the router commits each round to it): a sampling drafter must apply it to its own
+        logits so that its proposals come from the processed distribution."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -79,18 +93,32 @@ class HFDrafter:
     def from_pretrained(cls, path: str | Path, cost_ratio: float = 0.1, **kwargs) -> HFDrafter:
         return cls(CausalLM(path, **kwargs), cost_ratio=cost_ratio)
 
-    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> HFDraftSession:
-        return HFDraftSession(self.lm.sequence(prompt_ids), params, generator)
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        generator: torch.Generator,
+        processing: LogitsPipeline | None = None,
+    ) -> HFDraftSession:
+        return HFDraftSession(self.lm.sequence(prompt_ids), params, generator, processing)
 
     async def aclose(self) -> None:
         self.lm.close()
 
 
 class HFDraftSession:
-    def __init__(self, seq: CachedSequence, params: SamplingParams, generator: torch.Generator):
+    def __init__(
+        self,
+        seq: CachedSequence,
+        params: SamplingParams,
+        generator: torch.Generator,
+        processing: LogitsPipeline | None = None,
+    ):
         self.seq = seq
         self.params = params
         self.generator = generator
+        self.processing = processing
+        self.keep_logits = params.logprobs is not None
 
     @property
     def forward_passes(self) -> int:
@@ -99,9 +127,19 @@ class HFDraftSession:
     def _propose(self, k: int) -> Draft:
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
         feed = self.seq.pending()
         for _ in range(k):
             logits = self.seq.feed(feed, keep=1)  # [1, V]
+            if self.processing is not None:
+                # The row after the tokens drafted so far this round: the same processing the
+                # verifier's row at this position gets.
+                self.processing.constrain(logits, tokens)
+                if self.keep_logits:
+                    kept.append(logits[0].clone())
+                self.processing.process(logits, tokens)
+            elif self.keep_logits:
+                kept.append(logits[0])
             if self.params.greedy:
                 token = int(logits.argmax(dim=-1))
             else:
@@ -112,7 +150,8 @@ class HFDraftSession:
             feed = [token]
         # The last draft is never fed: if it is accepted, the next round feeds it
         # together with the bonus token in one pass.
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None)
+        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None,
+                     logits=torch.stack(kept) if kept else None)  # fmt: skip
 
     async def propose(self, k: int) -> Draft:
         if k <= 0:
@@ -145,7 +184,15 @@ class NgramDrafter:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def start(self, prompt_ids: Sequence[int], params: SamplingParams, generator: torch.Generator) -> NgramDraftSession:
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        generator: torch.Generator,
+        processing: LogitsPipeline | None = None,
+    ) -> NgramDraftSession:
+        # Deterministic proposals need no processing: the verification decides, and the router
+        # cuts a draft at the first token the grammar forbids.
         return NgramDraftSession(self, prompt_ids)
 
     async def aclose(self) -> None:

@@ -8,12 +8,16 @@ distribution exactly, which is what ``verifier-only`` sampling produces.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 #: The smallest normal float32: a smaller temperature behaves as this one (the one-hot limit).
 _TINY_FLOAT32 = torch.finfo(torch.float32).tiny
+#: Most alternatives a request may ask for per token (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
 
 
 class InvalidRequestError(ValueError):
@@ -30,7 +34,10 @@ class InvalidRequestError(ValueError):
 class SamplingParams:
     """What to generate. ``temperature == 0`` means greedy.
 
-    top_k == 0 and top_p == 1 disable those filters (vLLM's conventions).
+    top_k == 0 and top_p == 1 disable those filters (vLLM's conventions). The
+    fields after ``ignore_eos`` are vLLM's logits processing and output options,
+    with vLLM's definitions (decoding/logits_processors.py applies them); each
+    is off at its default, and a request that sets none pays nothing for them.
     """
 
     max_tokens: int = 64
@@ -40,12 +47,42 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    #: > 1 discourages tokens of the prompt and the output so far (logits divided when > 0, multiplied otherwise).
+    repetition_penalty: float = 1.0
+    #: Subtracted once from every token the output already contains (OpenAI's definition, output tokens only).
+    presence_penalty: float = 0.0
+    #: Subtracted per occurrence in the output so far.
+    frequency_penalty: float = 0.0
+    #: Drop tokens whose probability (after temperature) is below min_p times the most likely token's.
+    min_p: float = 0.0
+    #: Stop tokens (EOS and stop_token_ids) are masked, and stop strings ignored, before this many tokens.
+    min_tokens: int = 0
+    #: Token ids that end the generation (besides EOS); the one that did is the choice's stop_reason.
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    #: Keep the stop string (or a non-EOS stop token's text) at the end of the text.
+    include_stop_str_in_output: bool = False
+    #: (token id, bias) pairs added to the logits.
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    #: Only these token ids may be generated (None: all).
+    allowed_token_ids: tuple[int, ...] | None = None
+    skip_special_tokens: bool = True
+    #: A compiled grammar (decoding.structured.Grammar) every output must follow; None: unconstrained.
+    grammar: Any = None
+    #: Report each generated token's logprob and this many alternatives (None: no logprobs).
+    logprobs: int | None = None
+    #: Report each prompt token's logprob (the first has none) and this many alternatives.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple((int(k), float(v)) for k, v in self.logit_bias.items()))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(self.allowed_token_ids))
         self.validate()
 
     def validate(self) -> None:
@@ -61,6 +98,52 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}", "seed")
         if any(not isinstance(s, str) or s == "" for s in self.stop):
             raise InvalidRequestError("stop must be non-empty strings", "stop")
+        if not (self.repetition_penalty > 0) or not math.isfinite(self.repetition_penalty):
+            raise InvalidRequestError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}",
+                                      "repetition_penalty")  # fmt: skip
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value!r}", name)
+        if not 0 <= self.min_p <= 1:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}", "min_tokens"
+            )
+        if any(not -100 <= b <= 100 or not math.isfinite(b) for _, b in self.logit_bias):
+            raise InvalidRequestError("logit_bias values must be in [-100, 100]", "logit_bias")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise InvalidRequestError("allowed_token_ids must not be empty", "allowed_token_ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequestError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value!r}", name)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Raise InvalidRequestError naming the first token-id parameter outside [0, vocab_size)."""
+        for name, ids in (
+            ("stop_token_ids", self.stop_token_ids),
+            ("logit_bias", [t for t, _ in self.logit_bias]),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
+        ):
+            bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name} has token id {bad}, outside the vocabulary [0, {vocab_size})", name)
+
+    @property
+    def processed(self) -> bool:
+        """Whether any logits processing beyond temperature/top-k/top-p applies (min_p included)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or (self.min_p > 0.0 and not self.greedy)
+            or self.min_tokens > 0
+            or bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or self.grammar is not None
+        )
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ models alike). ``verifier-only`` is the same loop with k = 0, and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -32,8 +33,11 @@ import kernels
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
 from decoding.events import RoundEvent
+from decoding.logits_processors import LogitsPipeline
+from decoding.logprobs import TokenLogprob, token_logprobs
 from decoding.modes import MODES, Mode
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
+from decoding.structured import Grammar, GrammarCompiler, GrammarSpec
 from decoding.verifiers import Verifier, VerifierUnavailableError
 
 MAX_DRAFT_TOKENS = 32
@@ -158,6 +162,13 @@ class Chunk:
     finish_reason: Literal["stop", "length"] | None
     event: RoundEvent
     stats: GenerationStats
+    #: What stopped the generation (vLLM's ``stop_reason``): the stop string, or the stop token id
+    #: other than EOS; None for EOS, length, or a chunk that does not finish.
+    stop_reason: int | str | None = None
+    #: With ``params.logprobs``: one entry per token of ``token_ids`` (decoding/logprobs.py).
+    logprobs: list[TokenLogprob] | None = None
+    #: With ``params.prompt_logprobs``, on the first chunk only: one entry per prompt token after the first.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +178,9 @@ class Generation:
     text: str
     finish_reason: str
     stats: GenerationStats
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class AcceptanceTracker:
@@ -272,8 +286,17 @@ class SpeculativeRouter:
         self.fallback = fallback
         self.cost = CostEstimator(drafter.cost_ratio if drafter else 0.0, measured=measure_cost)
         self.eos_token_id: int | None = tokenizer.eos_token_id
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
 
     # -- request checks -------------------------------------------------------
+
+    async def compile_grammar(self, spec: GrammarSpec) -> Grammar:
+        """Compile a structured-output grammar for this router's tokenizer (off the event loop; cached)."""
+        if self._grammars is None:
+            self._grammars = await asyncio.to_thread(
+                GrammarCompiler, self.tokenizer, self.verifier.vocab_size, self.eos_token_id
+            )
+        return await asyncio.to_thread(self._grammars.compile, spec)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -286,6 +309,7 @@ class SpeculativeRouter:
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt contains token id {bad!r} outside the vocabulary [0, {vocab})", "prompt")
+        params.check_vocabulary(vocab)
         limit = self.verifier.max_context
         if len(prompt_ids) >= limit:
             raise InvalidRequestError(
@@ -300,6 +324,8 @@ class SpeculativeRouter:
                 "max_tokens",
                 code="context_length_exceeded",
             )
+        if params.prompt_logprobs is not None and not hasattr(self.verifier, "prompt_logits"):
+            raise InvalidRequestError("prompt logprobs (echo with logprobs) need an in-process verifier", "echo")
         if options.mode != "verifier-only" and self.drafter is None:
             raise InvalidRequestError(f"mode {options.mode!r} needs a drafter and none is configured", "tandem.mode")
 
@@ -310,12 +336,18 @@ class SpeculativeRouter:
     ) -> Generation:
         token_ids: list[int] = []
         text: list[str] = []
+        logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        prompt_logprobs = None
         chunk = None
         async for chunk in self.stream(prompt_ids, params, options):
             token_ids += chunk.token_ids
             text.append(chunk.text)
+            if logprobs is not None and chunk.logprobs:
+                logprobs += chunk.logprobs
+            prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
         assert chunk is not None and chunk.finish_reason is not None
-        return Generation(list(prompt_ids), token_ids, "".join(text), chunk.finish_reason, chunk.stats)
+        return Generation(list(prompt_ids), token_ids, "".join(text), chunk.finish_reason, chunk.stats, chunk.stop_reason,
+                          logprobs, prompt_logprobs)  # fmt: skip
 
     async def stream(
         self, prompt_ids: Sequence[int], params: SamplingParams, options: SpecOptions | None = None
@@ -337,8 +369,17 @@ class SpeculativeRouter:
         generated: list[int] = []
         verify = draft = None
         tracker = AcceptanceTracker(options, self.cost.ratio)
-        detok = IncrementalDetokenizer(self.tokenizer, params.stop)
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, include_stop=params.include_stop_str_in_output,
+                                       skip_special_tokens=params.skip_special_tokens)  # fmt: skip
         limit = params.max_tokens  # check_request: prompt + max_tokens fit the context
+        grammar = params.grammar.start() if params.grammar is not None else None
+        # None for a request without penalties, bias, min_p, ... : it pays nothing for them.
+        processing = LogitsPipeline.build(params, prompt_ids, self.verifier.vocab_size, self.eos_token_id, grammar)
+        stop_ids = self._stop_ids(params)
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            rows = await self.verifier.prompt_logits(prompt_ids)  # type: ignore[attr-defined]
+            prompt_logprobs = token_logprobs(rows, prompt_ids[1:], params.prompt_logprobs)
         try:
             if mode != "drafter-only":
                 try:
@@ -346,21 +387,23 @@ class SpeculativeRouter:
                 except VerifierUnavailableError:
                     mode = fallback = self._fall_back()
             if mode != "verifier-only":
-                draft = self.drafter.start(prompt_ids, params, generators.on(self.drafter.device))
+                draft = self.drafter.start(prompt_ids, params, generators.on(self.drafter.device), processing)
             while True:
                 budget = limit - stats.generated_tokens
                 transport = None
+                logprob_rows = None  # [n, V]: the logits each emitted token was drawn from (for logprobs)
                 if mode == "drafter-only":
                     t0 = time.perf_counter()
-                    proposal = await draft.propose(1)
+                    proposal = self._admissible(await draft.propose(1), processing)
                     draft_s, verify_s = time.perf_counter() - t0, 0.0
                     new_tokens = proposal.tokens
+                    logprob_rows = proposal.logits
                     k = num_accepted = 0
                 else:
                     # Every round emits one verifier token, so draft at most budget - 1.
                     k = min(tracker.k, budget - 1) if mode == "speculative" else 0
                     t0 = time.perf_counter()
-                    proposal = await draft.propose(k) if k > 0 else EMPTY_DRAFT
+                    proposal = self._admissible(await draft.propose(k), processing) if k > 0 else EMPTY_DRAFT
                     t1 = time.perf_counter()
                     try:
                         logits = await verify.score(proposal.tokens)
@@ -369,7 +412,8 @@ class SpeculativeRouter:
                         await self._close(verify)
                         verify = None
                         if draft is None:
-                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device))
+                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device),
+                                                       processing)  # fmt: skip
                         else:
                             draft.extend([])  # roll back this round's unverified draft
                         continue
@@ -377,15 +421,31 @@ class SpeculativeRouter:
                     transport = verify.last_transport
                     stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
+                    if processing is not None:
+                        # Row i follows the context + draft[:i]: each row gets that position's processing.
+                        processing.constrain(logits, proposal.tokens)
+                        if params.logprobs is not None:
+                            logprob_rows = logits.clone()
+                        processing.process(logits, proposal.tokens)
+                    elif params.logprobs is not None:
+                        logprob_rows = logits
                     new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
                     if mode == "speculative":
                         tracker.update(k, num_accepted)
 
                 finish: Literal["stop", "length"] | None = None
-                if not params.ignore_eos and self.eos_token_id in new_tokens:
-                    new_tokens = new_tokens[: new_tokens.index(self.eos_token_id) + 1]
+                stop_reason: int | str | None = None
+                shown = new_tokens  # the tokens whose text the output shows
+                stop_at = next((i for i, t in enumerate(new_tokens) if t in stop_ids), None)
+                if stop_at is not None:
+                    token = new_tokens[stop_at]
+                    new_tokens = new_tokens[: stop_at + 1]
                     finish = "stop"
+                    stop_reason = None if token == self.eos_token_id and not params.ignore_eos else token
+                    # vLLM: the stop token's text is not part of the output, unless asked for.
+                    shown = new_tokens if params.include_stop_str_in_output else new_tokens[:stop_at]
                 new_tokens = new_tokens[:budget]
+                shown = shown[:budget]
                 generated += new_tokens
                 event = RoundEvent(
                     k=k,
@@ -401,9 +461,11 @@ class SpeculativeRouter:
                 fallback = None
                 stats.record(event)
                 self.cost.observe(event)
-                text = detok.push(new_tokens)
+                # Stop strings count only from min_tokens on (vLLM).
+                early = max(0, min(len(shown), params.min_tokens - (stats.generated_tokens - len(new_tokens))))
+                text = detok.push(shown[:early], check_stop=False) + detok.push(shown[early:]) if early else detok.push(shown)
                 if detok.stopped:
-                    finish = "stop"
+                    finish, stop_reason = "stop", detok.stop_reason
                 elif finish is None and stats.generated_tokens >= limit:
                     finish = "length"
                 elif not new_tokens:  # drafter-only with a drafter that has nothing to say
@@ -415,14 +477,40 @@ class SpeculativeRouter:
                         verify.extend(new_tokens)
                     if draft is not None:
                         draft.extend(new_tokens)
+                    if processing is not None:
+                        processing.commit(new_tokens)
+                logprobs = None
+                if params.logprobs is not None and logprob_rows is not None:
+                    logprobs = token_logprobs(logprob_rows, new_tokens, params.logprobs)
                 stats.drafter_forward_passes = draft.forward_passes if draft else 0
                 stats.total_time_s = time.perf_counter() - t_start
-                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, event=event, stats=stats.snapshot())
+                yield Chunk(token_ids=new_tokens, text=text, finish_reason=finish, event=event, stats=stats.snapshot(),
+                            stop_reason=stop_reason, logprobs=logprobs, prompt_logprobs=prompt_logprobs)  # fmt: skip
+                prompt_logprobs = None
                 if finish is not None:
                     return
         finally:
             await self._close(verify)
             await self._close(draft)
+
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The token ids that end a generation: EOS (unless ignored) and the request's stop_token_ids."""
+        eos = () if params.ignore_eos or self.eos_token_id is None else (self.eos_token_id,)
+        return frozenset((*eos, *params.stop_token_ids))
+
+    @staticmethod
+    def _admissible(proposal: Draft, processing: LogitsPipeline | None) -> Draft:
+        """Cut a draft at the first token the grammar forbids (a deterministic drafter does not know it)."""
+        if processing is None or processing.grammar is None or not proposal.tokens:
+            return proposal
+        n = processing.admissible(proposal.tokens)
+        if n == len(proposal.tokens):
+            return proposal
+        return Draft(
+            tokens=proposal.tokens[:n],
+            probs=None if proposal.probs is None else proposal.probs[:n],
+            logits=None if proposal.logits is None else proposal.logits[:n],
+        )
 
     def _fall_back(self) -> str:
         """Switch the request to drafter-only, or re-raise when that is not configured."""

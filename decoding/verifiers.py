@@ -88,6 +88,17 @@ class HFVerifier:
     async def check_ready(self) -> None:
         return None
 
+    async def prompt_logits(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Logits [len(prompt_ids) - 1, V] float32: row i is the distribution of ``prompt_ids[i + 1]``
+        (prompt logprobs; one extra forward pass over the prompt, not cached)."""
+
+        @torch.inference_mode()
+        def run() -> torch.Tensor:
+            ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.lm.device)
+            return self.lm.model(input_ids=ids).logits[0, :-1].float()
+
+        return await self.lm.run(run)
+
     async def aclose(self) -> None:
         self.lm.close()
 

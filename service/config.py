@@ -112,6 +112,11 @@ class DecodingSettings(SettingsGroup):
     kernel_backend: Literal["auto", "triton", "torch"] = Field(
         "auto", description="Kernel of the acceptance step; 'auto': Triton on CUDA tensors, torch elsewhere."
     )
+    structured_outputs_disable_any_whitespace: bool = Field(
+        False, description="Structured JSON outputs get no whitespace between tokens, as vLLM's "
+        "--structured-outputs-config.disable_any_whitespace (a request's structured_outputs.disable_any_whitespace "
+        "asks for it too). Weak models may otherwise pad JSON with whitespace until max_tokens.",
+    )
 
     @model_validator(mode="after")
     def _check_bounds(self) -> DecodingSettings:

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.types import Receive
 
+from decoding.logprobs import TokenLogprob
 from decoding.sampling import InvalidRequestError
 from decoding.speculative import GenerationStats
 from decoding.verifiers import VerifierUnavailableError
@@ -60,6 +61,9 @@ class Job:
         self.texts: list[list[str]] = [[] for _ in self.choices]
         self.stats: list[GenerationStats | None] = [None] * len(self.choices)
         self.finish: list[str | None] = [None] * len(self.choices)
+        self.stop_reasons: list[int | str | None] = [None] * len(self.choices)
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in self.choices]
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(self.choices)
         self._admit: asyncio.Future[Slot] | None = None
         self._t_admitted: float | None = None
         gw.jobs.add(self)
@@ -160,9 +164,14 @@ class Job:
                         t_prev = now
                     m.observe_round(chunk.event)
                     self.texts[spec.index].append(chunk.text)
+                    if chunk.logprobs:
+                        self.logprobs[spec.index] += chunk.logprobs
+                    if chunk.prompt_logprobs is not None:
+                        self.prompt_logprobs[spec.index] = chunk.prompt_logprobs
                     self.stats[spec.index] = chunk.stats
                     if chunk.finish_reason is not None:
                         self.finish[spec.index] = label = chunk.finish_reason
+                        self.stop_reasons[spec.index] = chunk.stop_reason
                     self.events.put_nowait((CHUNK, spec.index, chunk))
         except asyncio.CancelledError:
             pass  # abort(): the reason is on the record; the task just ends

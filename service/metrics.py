@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from decoding.events import RoundEvent, TransportEvent
+from decoding.modes import MODES as MODE_NAMES
+from decoding.speculative import MAX_DRAFT_TOKENS
 
 # vLLM's bucket edges (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (
@@ -39,9 +41,22 @@ ACCEPTED_PER_ROUND_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+# The fixed label values, exported at zero from the start so that rate() and the alert rules see
+# the first event (a series born at 1 has no increase to show).
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+STATUSES = ("200", "400", "401", "404", "413", "429", "499", "500", "503", "504")
+MODES = (*MODE_NAMES, "split")
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+REJECTION_REASONS = ("queue_full", "unauthorized", "invalid", "not_found", "context_length", "shutting_down", "timeout")
+VERIFIER_ERROR_KINDS = ("unavailable", "timeout", "protocol", "other")
+FALLBACK_REASONS = ("verifier_unavailable",)
+BACKENDS = ("vllm", "split")
+RESYNC_REASONS = ("unknown_session",)
+SPLIT_FAILURE_REASONS = ("unreachable", "unavailable")
+
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_draft_tokens: int = MAX_DRAFT_TOKENS) -> None:
         self.registry = registry = CollectorRegistry()
         # process_resident_memory_bytes & co.: what a soak test watches.
         ProcessCollector(registry=registry)
@@ -217,6 +232,38 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.split_sessions = Gauge("tandem_split_sessions_active", "Split sessions open on this edge", registry=registry)
+        self._export_label_sets(max_draft_tokens)
+
+    def _export_label_sets(self, max_draft_tokens: int) -> None:
+        """Create every fixed-label series at zero (a labelled family has no sample until a child exists)."""
+        for route in GENERATION_ROUTES:
+            for status in STATUSES:
+                for mode in MODES:
+                    self.requests.labels(route, status, mode)
+        for mode in MODES:
+            self.generation_tokens.labels(mode)
+            for reason in FINISHED_REASONS:
+                self.requests_finished.labels(reason, mode)
+        for reason in REJECTION_REASONS:
+            self.requests_rejected.labels(reason)
+        for position in range(max_draft_tokens):
+            self.spec_accepted_per_pos.labels(position=str(position))
+        for kind in VERIFIER_ERROR_KINDS:
+            self.verifier_errors.labels(kind)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
+        for backend in BACKENDS:
+            self.verifier_round_trips.labels(backend)
+            self.verifier_retries.labels(backend)
+            self.verifier_resync_tokens.labels(backend)
+            for direction in ("up", "down"):
+                self.verifier_bytes.labels(backend, direction)
+            for reason in RESYNC_REASONS:
+                self.verifier_resyncs.labels(backend, reason)
+        for reason in RESYNC_REASONS:
+            self.split_replays.labels(reason)
+        for reason in SPLIT_FAILURE_REASONS:
+            self.split_failures.labels(reason)
 
     # -- helpers used by the gateway ------------------------------------------------
 

@@ -83,7 +83,7 @@ async def plan_request(
     prompts: list[list[int]] = []
     logged: Any
     if isinstance(body, ChatCompletionRequest):
-        text, special = render_chat(backends.tokenizer, body.conversation())
+        text, special = render_chat(backends.tokenizer, body)
         prompts.append(await _encode(backends.tokenizer, text, special))
         logged = text
     else:
@@ -96,6 +96,8 @@ async def plan_request(
     if record is not None and settings.log_prompts:
         record.prompt = logged
 
+    spec = body.grammar_spec(any_whitespace=not settings.structured_outputs_disable_any_whitespace)
+    grammar = await router.compile_grammar(spec) if spec is not None else None
     requested = body.requested_max_tokens()
     limit = settings.max_prompt_tokens
     max_context = router.verifier.max_context
@@ -119,6 +121,8 @@ async def plan_request(
             seed=body.seed,
             stop=body.stop_list(),
             ignore_eos=bool(body.ignore_eos),
+            **body.processing(),
+            grammar=grammar,
         )
         router.check_request(ids, params, options)  # the context check: prompt + max_tokens
         for j in range(n):

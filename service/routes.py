@@ -17,25 +17,39 @@ from starlette.responses import Response
 
 from decoding.verifiers import VerifierUnavailableError
 from service.admission import ShuttingDownError
-from service.errors import APIError, error_response
+from service.errors import APIError, bad_request, error_response
+from service.backends import Backends
 from service.gateway import Gateway
 from service.http import dumps
 from service.jobs import ABORT, ERROR, ClientGone, Job
 from service.logs import RequestRecord
 from service.metrics import CONTENT_TYPE
-from service.openai_api import ChatCompletionRequest, CompletionRequest
+from service.openai_api import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    render_chat,
+)
 from service.openai_responses import (
     ChatCompletionResponse,
+    ChoiceOutput,
     CompletionResponse,
     ErrorResponse,
+    LogprobsFormatter,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    ModelPermission,
+    TokenizeResponse,
     ResponseBuilder,
     TandemStats,
     Usage,
     to_json,
 )
-from service.plan import plan_request
+from service.plan import Plan, plan_request
+from service.tools import NamedToolChoice, parse_tool_calls
 from service.sse import EventStreamResponse, stream_events
 
 router = APIRouter()
@@ -87,8 +101,13 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
     if gw.backends is None:
         raise _not_ready()
     plan = await plan_request(body, gw.settings, gw.backends, record)
+    echo = _echo_prefixes(body, plan, gw.backends.tokenizer)
     job = Job(gw, plan, request.receive, record)
-    reply = ResponseBuilder.for_request(chat, gw.settings.model_name, gw.fingerprint)
+    role = body.response_role if isinstance(body, ChatCompletionRequest) else "assistant"
+    formatter = None
+    if body.logprobs is not None and body.logprobs is not False:
+        formatter = LogprobsFormatter(gw.backends.tokenizer, chat, bool(body.return_tokens_as_token_ids))
+    reply = ResponseBuilder.for_request(chat, gw.settings.model_name, gw.fingerprint, body.request_id, role)
     handed_off = False
     try:
         await job.admit()
@@ -99,7 +118,10 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
             if first[0] in (ERROR, ABORT):
                 job.raise_for(first[0], first[2])
             handed_off = True
-            return EventStreamResponse(job, stream_events(job, first, reply, body.include_usage))
+            tools = _tool_calls if chat and body.effective_tool_choice != "none" else None
+            events = stream_events(job, first, reply, body.include_usage, echo, formatter,
+                                   (lambda out: tools(out, body)) if tools else None)  # fmt: skip
+            return EventStreamResponse(job, events)
         await job.wait()
     except ClientGone:
         return error_response(APIError(499, "client closed the request", code="client_closed"))
@@ -107,17 +129,54 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
         if not handed_off:
             job.close()
 
-    outputs = job.outputs
+    texts = job.outputs
     if gw.settings.log_prompts:
-        record.output = outputs
+        record.output = texts
+    outputs = [
+        ChoiceOutput(text=prefix + text, finish_reason=finish, stop_reason=stop)
+        for prefix, text, finish, stop in zip(echo, texts, job.finish, job.stop_reasons, strict=True)
+    ]
+    if chat and body.effective_tool_choice != "none":
+        for out in outputs:
+            _tool_calls(out, body)
+    if formatter is not None:
+        for i, out in enumerate(outputs):
+            if chat:
+                out.logprobs = formatter.chat_logprobs(job.logprobs[i])
+            else:
+                prompt = plan.choices[i].prompt_ids if body.echo else None
+                out.logprobs, _ = formatter.completion(job.logprobs[i], 0, prompt, job.prompt_logprobs[i])
     usage = Usage.of(plan.prompt_tokens, job.completion_tokens)
-    response = reply.response(outputs, job.finish, usage, TandemStats.of(plan.mode, job.choice_stats))
+    response = reply.response(outputs, usage, TandemStats.of(plan.mode, job.choice_stats))
     return Response(to_json(response), media_type="application/json")
 
 
+def _tool_calls(out: ChoiceOutput, body: ChatCompletionRequest) -> None:
+    """Parse the calls out of a finished choice; its finish reason becomes tool_calls when the model chose
+    to call (auto, required), as vLLM reports it."""
+    content, calls = parse_tool_calls(out.text, body.tools or [], body.effective_tool_choice)
+    if calls:
+        out.text, out.tool_calls = content or "", calls
+        if out.finish_reason == "stop" and not isinstance(body.effective_tool_choice, NamedToolChoice):
+            out.finish_reason = "tool_calls"
+
+
+def _echo_prefixes(body: CompletionRequest | ChatCompletionRequest, plan: Plan, tokenizer: Any) -> list[str]:
+    """Per choice, the text ``echo`` puts before the output: the prompt (completions), or the final
+    message when it has the response's role (chat, as vLLM does); '' without echo."""
+    if not body.echo:
+        return [""] * len(plan.choices)
+    if isinstance(body, ChatCompletionRequest):
+        return [body.echo_prefix()] * len(plan.choices)
+    prompts, n = body.prompts(), body.n or 1
+    texts = [p if isinstance(p, str) else tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    return [texts[c.index // n] for c in plan.choices]
+
+
 def _model_card(gw: Gateway) -> ModelCard:
-    card = ModelCard(id=gw.settings.model_name, created=gw.created, owned_by="tandem")
+    card = ModelCard(id=gw.settings.model_name, created=gw.created, owned_by="tandem", permission=[ModelPermission()])
     if gw.backends is not None:
+        card.root = gw.backends.verifier.name
         card.max_model_len = gw.backends.verifier.max_context
     return card
 
@@ -134,6 +193,50 @@ async def get_model(request: Request, model_id: str) -> ModelCard:
         raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found",
                        reason="not_found")  # fmt: skip
     return _model_card(gw)
+
+
+# -- vLLM's tooling routes ------------------------------------------------------------------------
+
+
+def _check_model(gw: Gateway, model: str | None) -> Backends:
+    if model is not None and model != gw.settings.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {gw.settings.model_name!r}",
+                       param="model", code="model_not_found", reason="not_found")  # fmt: skip
+    if gw.backends is None:
+        raise _not_ready()
+    return gw.backends
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses={400: ERROR_RESPONSES[400], 404: ERROR_RESPONSES[404]},
+             summary="Tokenize a prompt, or chat messages through the chat template (vLLM's route)")  # fmt: skip
+async def tokenize(request: Request, body: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+    gw = _gateway(request)
+    backends = _check_model(gw, body.model)
+    tokenizer = backends.tokenizer
+    if isinstance(body, TokenizeChatRequest):
+        text, special = render_chat(tokenizer, body.as_chat_request())
+    else:
+        text, special = body.prompt, body.add_special_tokens
+    # Off the event loop: a long prompt takes a while to tokenize.
+    ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=special)
+    strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=backends.verifier.max_context, tokens=ids, token_strs=strs)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses={400: ERROR_RESPONSES[400], 404: ERROR_RESPONSES[404]},
+             summary="Turn token ids back into text (vLLM's route)")  # fmt: skip
+async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+    backends = _check_model(_gateway(request), body.model)
+    vocab = backends.verifier.vocab_size
+    bad = next((t for t in body.tokens if t >= vocab), None)
+    if bad is not None:
+        raise bad_request(f"token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+    return DetokenizeResponse(prompt=backends.tokenizer.decode(body.tokens))
+
+
+@router.get("/version", summary="The server's version (vLLM's route)")
+async def version(request: Request) -> dict[str, str]:
+    return {"version": request.app.version}
 
 
 @router.get("/health", summary="Liveness: the process answers")

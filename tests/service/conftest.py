@@ -4,6 +4,7 @@ from tests/conftest.py, all spawned at once when the first is needed, each waite
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.support.gateway import Gateway, model_args, start_server, wait_until_
 
 LIMITED_KEY = "sk-test-limited-0123456789"
 LIMITED_OTHER_KEY = "sk-test-second-key"
-SERVER_FIXTURES = ("server", "limited_server", "fuzz_server", "verifier_down_server", "drain_server")
+SERVER_FIXTURES = ("server", "limited_server", "fuzz_server", "verifier_down_server", "drain_server", "tools_server")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,6 +69,42 @@ def _spec_verifier_down_server(request, root: Path) -> dict:
         env={"TANDEM_VERIFIER_RETRIES": "0", "TANDEM_VERIFIER_TIMEOUT_S": "2"},
         ready_path="/health",
     )
+
+
+#: A Hermes-style chat template with tool support (Qwen 2.5's layout): tools listed in the system turn,
+#: calls as <tool_call>{"name": ..., "arguments": ...}</tool_call>, results as <tool_response>.
+TOOL_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0].role == 'system' %}{{ messages[0].content }}\n\n{% endif %}"
+    "# Tools\n\nYou may call one or more functions.\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "</tools>\n\nFor each function call, return a json object within <tool_call></tool_call> XML tags:\n"
+    "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n"
+    "{%- elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'system' %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n{{ message.content or '' }}"
+    "{%- for call in message.tool_calls %}<tool_call>\n{\"name\": \"{{ call.function.name }}\", \"arguments\": "
+    "{{ call.function.arguments }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n</tool_response>"
+    "<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def _spec_tools_server(request, root: Path) -> dict:
+    """The tiny pair with a tool-capable chat template (its tokenizer, saved with TOOL_CHAT_TEMPLATE), and
+    JSON without free whitespace (random models would pad it until max_tokens): for structured outputs,
+    tools, and the LangChain / LiteLLM / openai clients."""
+    from decoding.causal_lm import load_tokenizer
+
+    verifier, drafter = request.getfixturevalue("tiny_pair")
+    tokenizer = load_tokenizer(verifier)
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "tokenizer")
+    shutil.copy(verifier / "config.json", root / "tokenizer")  # a tokenizer directory is a model directory here
+    return dict(args=(*model_args(verifier, drafter), "--tokenizer", str(root / "tokenizer")),
+                env={"TANDEM_STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE": "true"})  # fmt: skip
 
 
 def _spec_drain_server(request, root: Path) -> dict:
@@ -121,6 +158,11 @@ def fuzz_server(_spawned) -> Iterator[Gateway]:
 @pytest.fixture(scope="session")
 def verifier_down_server(_spawned) -> Iterator[Gateway]:
     yield from _serve(_spawned, "verifier_down_server")
+
+
+@pytest.fixture(scope="session")
+def tools_server(_spawned) -> Iterator[Gateway]:
+    yield from _serve(_spawned, "tools_server")
 
 
 @pytest.fixture

@@ -48,13 +48,13 @@ BAD_PARAMS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": [""]}, "stop"),
     ({"stop": 5}, "stop"),
-    ({"logprobs": 2}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"min_tokens": 99}, "min_tokens"),
     ({"suffix": "x"}, "suffix"),
     ({"best_of": 3}, "best_of"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logit_bias": {"5": 10}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
     ({"prompt": []}, "prompt"),
@@ -88,10 +88,11 @@ BAD_CHAT = [
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content[0]"),  # fmt: skip
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"}, "tools"),  # no template support
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
 ]
 
@@ -108,7 +109,7 @@ def test_openai_client_raises_bad_request_with_the_body(server):
     assert info.value.status_code == 400
     assert info.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as info:
-        server.client().completions.create(model="tandem", prompt=PROMPT, logprobs=2)
+        server.client().completions.create(model="tandem", prompt=PROMPT, logprobs=30)
     assert info.value.body["param"] == "logprobs"
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.service.conftest import sum_metric
+from decoding.speculative import MAX_DRAFT_TOKENS
+from service.metrics import FINISHED_REASONS, MODES, REJECTION_REASONS
+
+from tests.service.conftest import REPO, model_args, start_server, sum_metric
 
 PROMPT = "for i in range(10):\n"
 NOEOS = {"ignore_eos": True}
@@ -12,7 +17,7 @@ NOEOS = {"ignore_eos": True}
 TTFT_EDGES = [.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560]
 ITL_EDGES = [.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80]
 E2E_EDGES = [.3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
-ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "le"}
+ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "backend", "direction", "le"}
 
 
 def test_metric_families_buckets_and_bounded_labels(server):
@@ -57,7 +62,7 @@ def test_metric_families_buckets_and_bounded_labels(server):
             assert ":" not in sample.name
     routes = {s.labels["route"] for s in families["tandem_requests"].samples if "route" in s.labels}
     assert routes <= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id:path}", "/health",
-                      "/ready", "/metrics", "other"}  # fmt: skip
+                      "/ready", "/metrics", "/tokenize", "/detokenize", "/version", "other"}  # fmt: skip
 
 
 def test_metrics_agree_with_usage(server):
@@ -124,3 +129,58 @@ def test_rejections_are_counted_by_reason(server):
     assert sum_metric(after, "tandem_requests_total", route="/v1/completions", status="400") - sum_metric(
         before, "tandem_requests_total", route="/v1/completions", status="400"
     ) == 2
+
+
+def _dashboard_metrics() -> set[str]:
+    """Every tandem_* series the Grafana dashboard and the alert rules query (the split worker's own
+    tandem_split_worker_* come from the worker process, not the gateway)."""
+    import json
+
+    import yaml
+
+    exprs: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            exprs.extend(v for k, v in node.items() if k == "expr" and isinstance(v, str))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads((REPO / "docker/grafana/dashboards/tandem.json").read_text()))
+    walk(yaml.safe_load((REPO / "docker/prometheus/rules/tandem-alerts.yml").read_text()))
+    names = set(re.findall(r"\b(tandem_[a-z0-9_]+)", " ".join(exprs)))
+    assert len(names) > 20
+    return {n for n in names if not n.startswith("tandem_split_worker_")}
+
+
+def test_every_dashboard_metric_exists_from_start_and_after_one_request(tiny_pair, tmp_path):
+    """A fresh gateway exports every family the dashboard reads, and every fixed label set, at zero,
+    so rate() and the alert rules see the first event; one request changes nothing about that."""
+    server = start_server(tmp_path / "serve.log", *model_args(*tiny_pair))
+    try:
+        for requests in (0, 1):
+            if requests:
+                server.client().completions.create(model="tandem", prompt=PROMPT, max_tokens=4, extra_body=NOEOS)
+            samples = server.metrics()
+            names = {name for name, _ in samples}
+            missing = sorted(n for n in _dashboard_metrics() if n not in names)
+            assert not missing, (requests, missing)
+
+            def labelled(name: str, key: str) -> set[str]:
+                return {dict(labels)[key] for n, labels in samples if n == name and key in dict(labels)}
+
+            assert labelled("tandem_requests_rejected_total", "reason") >= set(REJECTION_REASONS)
+            assert labelled("tandem_requests_finished_total", "finished_reason") >= set(FINISHED_REASONS)
+            assert labelled("tandem_requests_finished_total", "mode") >= set(MODES)
+            assert labelled("tandem_requests_total", "status") >= {"200", "400", "429", "500", "503"}
+            assert labelled("tandem_spec_decode_num_accepted_tokens_per_pos_total", "position") == {
+                str(i) for i in range(MAX_DRAFT_TOKENS)}  # fmt: skip
+            assert labelled("tandem_fallbacks_total", "reason") and labelled("tandem_split_failures_total", "reason")
+            if not requests:
+                assert sum_metric(samples, "tandem_requests_total", route="/v1/completions") == 0
+                assert sum_metric(samples, "tandem_requests_finished_total") == 0
+    finally:
+        assert server.stop() == 0
