@@ -19,6 +19,10 @@ if not torch.cuda.is_available():
     # (transformers included) imports triton.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# LiteLLM fetches a model cost map from the internet at import unless told to use its bundled copy;
+# the suite never reaches outside this machine.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 pytest_plugins = ["tests.support.split", "tests.support.vllm"]
 
 from decoding.offline.tiny_models import TinySpec, build_model, build_tiny_pair, train_bpe_tokenizer, word_tokenizer
