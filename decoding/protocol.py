@@ -119,6 +119,10 @@ VERIFY_ROUTE_PREFIX = "/tandem/v1"
 INFO_PATH = f"{VERIFY_ROUTE_PREFIX}/info"
 VERIFY_PATH = f"{VERIFY_ROUTE_PREFIX}/verify"
 SESSIONS_PATH = f"{VERIFY_ROUTE_PREFIX}/sessions"  # DELETE {SESSIONS_PATH}/{session}
+#: GET: the served model's tokenizer files, for an edge without a model of its own (the n-gram drafter).
+TOKENIZER_PATH = f"{VERIFY_ROUTE_PREFIX}/tokenizer"
+#: The only files TOKENIZER_PATH may carry (data, never code): what ``save_pretrained`` of a fast tokenizer writes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 #: Most draft tokens one round may carry.
 MAX_DRAFT = 64
 #: A logprob above this is invalid (log-softmax is <= 0; allow float rounding, then clamp to 0).
@@ -156,6 +160,13 @@ class VerifyResponse(TypedDict):
     draft_logprobs: list[float]  # [k]: logprob of draft[i] in row i, even outside the top-K
     draft_ranks: list[int]  # [k]: its rank, 1 = best
     engine_s: float
+
+
+class TokenizerResponse(TypedDict):
+    """``GET TOKENIZER_PATH``: file name (one of TOKENIZER_FILES) -> its text, and the vocabulary's fingerprint."""
+
+    vocab_sha256: str
+    files: dict[str, str]
 
 
 def is_session_id(value: object) -> bool:

