@@ -363,7 +363,12 @@ class SpeculativeRouter:
                     proposal = await draft.propose(k) if k > 0 else EMPTY_DRAFT
                     t1 = time.perf_counter()
                     try:
-                        logits = await verify.score(proposal.tokens)
+                        if getattr(verify, "decides", False):  # the backend verifies where the full distribution is
+                            seed = int(torch.randint(0, 2**62, (1,), generator=generators.on("cpu")))
+                            decided = await verify.decide(proposal.tokens, params, seed)
+                        else:
+                            decided = None
+                            logits = await verify.score(proposal.tokens)
                     except VerifierUnavailableError:
                         mode = fallback = self._fall_back()
                         await self._close(verify)
@@ -377,7 +382,10 @@ class SpeculativeRouter:
                     transport = verify.last_transport
                     stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
-                    new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
+                    if decided is not None:
+                        new_tokens, num_accepted = decided
+                    else:
+                        new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
                     if mode == "speculative":
                         tracker.update(k, num_accepted)
 

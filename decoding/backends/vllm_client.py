@@ -14,7 +14,14 @@ API's (:mod:`decoding.backends.vllm_apis`): ``api="tandem"`` (default; a
 ``tandem verifier``, O(k) bytes per round, prefix-cached) or ``api="stock"``
 (any vLLM ``/v1/completions``, O(context) per round).
 
-Exactness. Greedy verification is exact: the argmax is always in the top-K.
+Exactness. A ``tandem verifier`` whose engine decides rounds (``/info``:
+``server_decides``; :mod:`service.vllm.engine_verify`) verifies the draft where
+the full distribution lives, under the request's temperature / top-k / top-p
+and a per-round seed, and answers only the accepted tokens and the correction
+or bonus token (:meth:`VLLMVerifySession.decide`): exact at any sampling
+parameters. Otherwise (an older server, the stock API, ``decide=False``) the
+client decides on top-K rows: greedy verification is exact, since the argmax
+is always in the top-K.
 With sampling the target distribution is known only on the returned set
 (top-K, plus the draft token's own logprob, which vLLM always returns). The
 router renormalises over that set. The result is exact when the request's
@@ -59,6 +66,7 @@ import httpx
 import torch
 
 from decoding.backends.vllm_apis import (
+    DecidedRound,
     NotFoundError,
     RetryableError,
     ScoredRows,
@@ -69,6 +77,7 @@ from decoding.backends.vllm_apis import (
 from decoding.causal_lm import ModelLoadError
 from decoding.events import TransportEvent
 from decoding.protocol import MAX_DRAFT, TOKENIZER_FILES, TOKENIZER_PATH, vocab_fingerprint
+from decoding.sampling import SamplingParams
 from decoding.verifiers import VerifierUnavailableError
 
 logger = logging.getLogger("tandem.vllm_verifier")
@@ -236,6 +245,8 @@ class VLLMVerifier:
         vocab_size: logits width the router expects (the drafter's); default the server's.
         max_context: provisional context limit until the server tells its ``max_model_len``.
         on_round: callbacks receiving a :class:`RoundReport` after each successful round.
+        decide: let a server that can (``/info``: ``server_decides``) decide the rounds, from the
+            target's full distribution; False always asks for top-K rows (the client decides).
     """
 
     def __init__(
@@ -256,6 +267,7 @@ class VLLMVerifier:
         max_context: int | None = None,
         max_connections: int = 64,
         on_round: Sequence[Callable[[RoundReport], None]] = (),
+        decide: bool = True,
     ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"verifier URL must start with http:// or https://, got {url!r}")
@@ -277,6 +289,7 @@ class VLLMVerifier:
         self.max_context: int = max_context or 2**31 - 1
         self.name = f"vllm@{self.url}"
         self.on_round: list[Callable[[RoundReport], None]] = list(on_round)
+        self.allow_decide = decide
         self.stats = VLLMVerifierStats()
         self.server_info: dict | None = None
         self.http = _Http(
@@ -372,15 +385,21 @@ class VLLMVerifier:
             task.cancel()
         await self.http.aclose()
 
+    @property
+    def decides(self) -> bool:
+        """Whether the server decides the rounds (where the full distribution lives): exact at any sampling."""
+        return self.allow_decide and bool((self.server_info or {}).get("server_decides"))
+
     def is_exact(self, temperature: float, top_k: int) -> bool:
         """Whether verification through this backend reproduces the target exactly
         for a request with these sampling parameters (see the module docstring)."""
-        return temperature == 0 or 1 <= top_k <= self.top_logprobs
+        return self.decides or temperature == 0 or 1 <= top_k <= self.top_logprobs
 
     # -- one round -------------------------------------------------------------------
 
-    async def _round(self, session: VLLMVerifySession, draft: list[int]) -> torch.Tensor:
-        """Score ``session.ids + draft``: logits [k+1, V] float32. Sets ``session.last_transport``."""
+    async def _round(self, session: VLLMVerifySession, draft: list[int], sampling: dict | None = None):
+        """Score ``session.ids + draft``: logits [k+1, V] float32, or with ``sampling`` the server's
+        :class:`DecidedRound`. Sets ``session.last_transport``."""
         t0 = time.perf_counter()
         attempts = failed = bytes_up = bytes_down = round_trips = retries = 0
         resync: _Resync | None = None
@@ -388,12 +407,12 @@ class VLLMVerifier:
         last_error = "no attempt"
         while failed <= self.retries:
             attempts += 1
-            body = self.api.request(session, draft, self.top_logprobs)
+            body = self.api.request(session, draft, self.top_logprobs, sampling)
             try:
                 x = await self.http.exchange("POST", self.api.round_path, body)
                 bytes_up += x.bytes_up
                 bytes_down += x.bytes_down
-                rows = self._check_answer(session, draft, x)
+                rows = self._check_answer(session, draft, x, decided=sampling is not None)
             except _Resync as exc:
                 round_trips += 1
                 if resync is not None:
@@ -420,7 +439,10 @@ class VLLMVerifier:
                 raise
             round_trips += 1
             self.api.committed(session, body, rows)
-            logits, tail = self._to_logits(draft, rows)
+            if isinstance(rows, DecidedRound):
+                result, tail = rows, None  # decided on the full distribution: nothing is cut off
+            else:
+                result, tail = self._to_logits(draft, rows)
             event = TransportEvent(
                 backend="vllm", round_s=time.perf_counter() - t0, round_trips=round_trips,
                 bytes_up=bytes_up, bytes_down=bytes_down, retries=retries,
@@ -430,11 +452,12 @@ class VLLMVerifier:
             self._record(RoundReport(
                 event, len(draft), len(session.ids) + len(draft), rows.num_cached_tokens, rows.recomputed, rows.engine_s,
             ))  # fmt: skip
-            return logits
+            return result
         self.stats.failures += 1
         raise VerifierUnavailableError(f"verifier {self.url} failed a verify round after {attempts} attempt(s): {last_error}")
 
-    def _check_answer(self, session: VLLMVerifySession, draft: list[int], x: _Exchange) -> ScoredRows:
+    def _check_answer(self, session: VLLMVerifySession, draft: list[int], x: _Exchange,
+                      decided: bool = False) -> ScoredRows | DecidedRound:  # fmt: skip
         """The answer's rows; raises _Resync, RetryableError or VerifierUnavailableError."""
         status = x.response.status_code
         if status != 200 and self.api.needs_resync(status, _error_code(x.data)):
@@ -446,6 +469,8 @@ class VLLMVerifier:
         if status != 200:
             raise VerifierUnavailableError(f"verifier {self.url} rejected the round: HTTP {status}: {_error_message(x.data)}")
         try:
+            if decided:
+                return self.api.parse_decided(json.loads(x.data), session, draft, self.vocab_size)
             return self.api.parse(json.loads(x.data), session, draft, self.top_logprobs, self.vocab_size)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             self.stats.invalid_responses += 1
@@ -505,16 +530,39 @@ class VLLMVerifySession:
         self.last_transport: TransportEvent | None = None
         self.closed = False
 
-    async def score(self, draft: Sequence[int]) -> torch.Tensor:
+    def _draft(self, draft: Sequence[int]) -> list[int]:
         if self.closed:
             raise RuntimeError("session is closed")
         draft = [int(t) for t in draft]
         if len(draft) > MAX_DRAFT:
             raise ValueError(f"draft of {len(draft)} tokens exceeds {MAX_DRAFT}")
         self.last_transport = None
+        return draft
+
+    async def score(self, draft: Sequence[int]) -> torch.Tensor:
+        draft = self._draft(draft)
         logits = await self.verifier._round(self, draft)
         self.forward_passes += 1
         return logits
+
+    @property
+    def decides(self) -> bool:
+        """Whether :meth:`decide` runs on the server (see :class:`decoding.verifiers.DecidingSession`)."""
+        return self.verifier.decides
+
+    async def decide(self, draft: Sequence[int], params: SamplingParams, seed: int) -> tuple[list[int], int]:
+        """Verify ``draft`` on the server, against the target's full distribution under ``params``.
+
+        The server treats the draft as a point mass (exact for any proposal) and
+        draws with ``seed``. Returns (the accepted drafts plus one correction or
+        bonus token, the number accepted).
+        """
+        draft = self._draft(draft)
+        sampling = {"temperature": float(params.temperature), "top_k": int(params.top_k),
+                    "top_p": float(params.top_p), "seed": int(seed) % 2**63}  # fmt: skip
+        decided = await self.verifier._round(self, draft, sampling)
+        self.forward_passes += 1
+        return decided.tokens, decided.accepted
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.ids.extend(int(t) for t in tokens)

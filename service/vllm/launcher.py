@@ -125,6 +125,40 @@ def _this_environment() -> Path:
     return Path(sys.executable).resolve()
 
 
+def ensure_engine_plugin(env: dict | None = None) -> Path | None:
+    """Make vLLM load tandem's engine-side verification in its engine process.
+
+    vLLM loads ``vllm.general_plugins`` entry points in every process it starts
+    (the engine core is spawned, so a patch made here would not reach it). When
+    the installed tandem's metadata predates the entry point (an editable
+    install, or the repository on PYTHONPATH), a one-entry dist-info in a
+    temporary directory on PYTHONPATH declares it. When ``VLLM_PLUGINS`` is an
+    allowlist, the plugin's name is added to it. Returns that directory, if made.
+    """
+    import atexit
+    import shutil
+    import tempfile
+    from importlib.metadata import entry_points
+
+    from service.vllm.engine_verify import PLUGIN_NAME, PLUGIN_TARGET
+
+    env = os.environ if env is None else env
+    made = None
+    if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
+        made = Path(tempfile.mkdtemp(prefix="tandem-vllm-plugin-"))
+        dist = made / "tandem_engine_verify-0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tandem-engine-verify\nVersion: 0\n")
+        (dist / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(made), env.get("PYTHONPATH", "")) if p)
+        sys.path.insert(0, str(made))
+        atexit.register(shutil.rmtree, made, True)
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        env["VLLM_PLUGINS"] = ",".join(p for p in (allowed, PLUGIN_NAME) if p)
+    return made
+
+
 def _reexec_in_vllm_venv(argv: Sequence[str], reason: Exception) -> int:
     """Hand over to the vLLM venv's Python if there is one (never returns then); else explain and return 2."""
     repo = Path(__file__).resolve().parents[2]
@@ -171,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.vllm.plugin import MAX_SESSIONS_ENV, SESSION_TTL_ENV, plugin_enabled
 
+    ensure_engine_plugin()
     cli_env_setup()
     vllm_parser = make_arg_parser(FlexibleArgumentParser(prog="tandem verifier (vLLM arguments)"))
     args = vllm_parser.parse_args(args_for_vllm)

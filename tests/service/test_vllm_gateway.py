@@ -48,7 +48,7 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
     grown = {key: after[key] - before[key] for key in after}
     assert rounds > 0
     assert grown["round_trips"] == rounds  # one exchange per round (no resync, no retry)
-    assert grown["tail_mass_rounds"] == rounds
+    assert grown["tail_mass_rounds"] == 0  # the engine decided every round on the full distribution: no tail
     assert grown["up"] >= 100 * rounds and grown["down"] >= 100 * rounds
 
 

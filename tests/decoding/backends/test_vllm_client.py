@@ -245,7 +245,9 @@ def test_rows_are_exact_and_prefix_cache_hits_from_second_round(vllm_server, tok
 
 
 def test_sampling_exact_when_top_k_within_K_and_tail_mass_is_the_true_mass(vllm_server, tokenizer, corpus, verifier_lm):
-    v = remote(vllm_server, tokenizer, top_logprobs=8)
+    """The client deciding on top-K rows (decide=False, or a server whose engine does not decide);
+    rounds the server decides are exact at any sampling (tests/service/vllm/test_engine_verify.py)."""
+    v = remote(vllm_server, tokenizer, top_logprobs=8, decide=False)
     reports = []
     v.on_round.append(reports.append)
     context, draft = corpus[9000:9150], corpus[9150:9153]
