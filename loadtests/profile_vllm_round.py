@@ -34,10 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--profile", type=int, default=None, metavar="N", help="cProfile the rounds at context N")
+    p.add_argument("--decide", action="store_true",
+                   help="rounds decided in the engine (service.vllm.engine_verify) instead of top-K prompt-logprob rows")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+    if args.decide:
+        from service.vllm.engine_verify import register
+
+        register()  # this process is the engine's (multiprocessing off)
     from vllm import EngineArgs, LLMEngine, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.sampling_params import RequestOutputKind
@@ -85,11 +91,18 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t0, final
 
     def verify_params(k: int):
+        if args.decide and k:
+            from service.vllm.engine_verify import DecideSpec
+
+            return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1, skip_reading_prefix_cache=False,
+                                  detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
+                                  extra_args=DecideSpec(k, 0.0, 0, 1.0, 0).to_extra_args())  # fmt: skip
         return SamplingParams(max_tokens=1, temperature=0.0, logprobs=args.top_k, prompt_logprobs=args.top_k if k else None,
                               skip_reading_prefix_cache=False, detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY,
                               extra_args={EXTRA_ARGS_ROWS_KEY: k} if k else None)
 
-    report: dict = {"block_size": args.block_size, "k": args.k, "top_k": args.top_k, "trim": trim, "contexts": {}}
+    report: dict = {"block_size": args.block_size, "k": args.k, "top_k": args.top_k, "trim": trim, "decide": args.decide,
+                    "contexts": {}}  # fmt: skip
     for n in contexts:
         context = [rng.randrange(vocab) for _ in range(n)]
         run(context, verify_params(0))  # fill the prefix cache with the context
@@ -106,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.disable()
             rounds.append(dt)
             cached.append(out.num_cached_tokens)
-            context.append(out.outputs[0].token_ids[0])  # one committed token per round, as a rejected round does
+            # One committed token per round (as a rejected round commits), so that no round's needed row is cached.
+            context.append(draft[0] ^ 1)
         per_round = {f"{phase}_s": total / args.rounds for phase, total in phases.items()}
         for _ in range(args.rounds):  # k = 0 without prompt logprobs: vLLM's bare per-request cost at this context
             context.append(rng.randrange(vocab))
@@ -121,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         row = {
             "round_median_s": statistics.median(rounds[1:]),
             "k0_no_prompt_logprobs_median_s": statistics.median(plain[1:]),
-            "cached_tokens_median": statistics.median(cached[1:]),
-            "recomputed_tokens_median": n + args.k - statistics.median(cached[1:]),
+            "recomputed_tokens_mean": statistics.fmean(n + i + args.k - c for i, c in enumerate(cached)),
             "decode_step_s": (t_gen - t_first) / 16,
             **per_round,
         }
         report["contexts"][n] = row
-        print(f"block {args.block_size} context {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        mode = "decide" if args.decide else "rows"
+        print(f"{mode} block {args.block_size} context {n}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()),
+              flush=True)  # fmt: skip
         if profiler:
             buf = io.StringIO()
             stats = pstats.Stats(profiler, stream=buf).sort_stats("cumulative")

@@ -163,8 +163,8 @@ def test_ngram_drafter_against_the_remote_verifier(vllm_server, tokenizer):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)  # the fetched tokenizer is the drafter's
     assert result["token_ids"] == vllm_greedy(vllm_server, prompt_ids, MAX_TOKENS)
-    assert result["stats"]["draft_tokens"] > 0  # the n-gram drafter did propose
-    assert result["stats"]["accepted_tokens"] > 0
+    # The n-gram drafter did propose (the router may then stream from vLLM, faster than rounds for this tiny model).
+    assert result["stats"]["draft_tokens"] > 0
     # Without a verifier that shares its tokenizer, the error names the way out.
     backends_error = subprocess.run(
         [str(REPO / ".venv" / "bin" / "tandem"), "generate", "--verifier", vllm_server.url + "/nothing-here",

@@ -26,9 +26,12 @@ def test_launcher_passes_vllm_arguments_through_with_defaults(capsys):
     argv = json.loads(capsys.readouterr().out)
     assert argv[:6] == ["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2"]
     assert "--enable-prefix-caching" in argv
-    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--tandem-print-argv"]) == 0
+    assert argv[argv.index("--block-size") + 1] == "32"  # this machine has no GPU: a round recomputes < 32 + k
+    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--block-size", "64",
+                 "--tandem-print-argv"]) == 0  # fmt: skip
     argv = json.loads(capsys.readouterr().out)
     assert argv.count("--dtype") == 1 and "--enable-prefix-caching" not in argv
+    assert argv.count("--block-size") == 1 and argv[argv.index("--block-size") + 1] == "64"
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
