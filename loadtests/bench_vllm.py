@@ -139,20 +139,69 @@ async def router_tokens_per_s(url: str, tokenizer, drafter_dir: Path, prompt: li
 
 
 async def vllm_tokens_per_s(url: str, model: str, prompt: list[int], *, max_tokens: int, repeats: int) -> dict:
+    """vLLM generating alone, streamed (what a user streaming from vLLM directly gets), greedy."""
     times, ids = [], None
     async with httpx.AsyncClient(base_url=url, timeout=600.0) as client:
         for r in range(repeats + 1):
             t0 = time.perf_counter()
-            resp = await client.post("/v1/completions", json={
+            tokens = []
+            async with client.stream("POST", "/v1/completions", json={
                 "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True,
-            })
+                "return_token_ids": True, "stream": True,
+            }) as resp:  # fmt: skip
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                        tokens += json.loads(line[5:])["choices"][0].get("token_ids") or []
             elapsed = time.perf_counter() - t0
-            resp.raise_for_status()
             if r > 0:
                 times.append(elapsed)
-                ids = resp.json()["choices"][0].get("token_ids")
+                ids = tokens
     return {"tokens_per_s": max_tokens / statistics.median(times), "token_ids": ids}
+
+
+async def concurrent_tokens_per_s(server: VLLMServer, tokenizer, drafter_dir: Path, prompts: list[list[int]], *,
+                                  system: str, max_tokens: int) -> dict:
+    """N requests at once (one per prompt): aggregate greedy tokens/s and vLLM engine steps per generated token.
+
+    ``system``: ``rounds`` (tandem speculative, verify rounds only), ``auto`` (tandem speculative, rounds or
+    the stream as measured) or ``vllm`` (plain vLLM streams). Engine steps: ``vllm:iteration_tokens_total``'s
+    count, one per engine step whatever the batch.
+    """
+    from decoding.backends.vllm_client import VLLMVerifier
+    from decoding.causal_lm import CausalLM
+    from decoding.drafters import HFDrafter
+    from decoding.sampling import SamplingParams
+    from decoding.speculative import SpeculativeRouter
+    from loadtests import prometheus
+
+    def steps() -> float:
+        return prometheus.total(prometheus.fetch(server.url + "/metrics"), "vllm:iteration_tokens_total_count")
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    if system == "vllm":
+        async with httpx.AsyncClient(base_url=server.url, timeout=600.0) as client:
+            async def one(prompt):
+                r = await client.post("/v1/completions", json={"model": str(server.model), "prompt": prompt,
+                                                               "max_tokens": max_tokens, "temperature": 0.0,
+                                                               "ignore_eos": True})  # fmt: skip
+                r.raise_for_status()
+                return r.json()["usage"]["completion_tokens"]
+
+            s0, t0 = steps(), time.perf_counter()
+            counts = await asyncio.gather(*(one(p) for p in prompts))
+    else:
+        verifier = VLLMVerifier(server.url, tokenizer, timeout_s=120.0, stream=system == "auto")
+        await verifier.connect()
+        drafters = [HFDrafter(CausalLM(drafter_dir), cost_ratio=0.25) for _ in prompts]  # one per edge
+        routers = [SpeculativeRouter(verifier, d, tokenizer) for d in drafters]
+        s0, t0 = steps(), time.perf_counter()
+        gens = await asyncio.gather(*(r.generate(p, params) for r, p in zip(routers, prompts)))
+        counts = [len(g.token_ids) for g in gens]
+        await verifier.aclose()
+    elapsed, grown = time.perf_counter() - t0, steps() - s0
+    return {"system": system, "sessions": len(prompts), "tokens_per_s": sum(counts) / elapsed,
+            "engine_steps_per_token": grown / sum(counts)}  # fmt: skip
 
 
 # -- the report -----------------------------------------------------------------------------------------
@@ -205,6 +254,17 @@ def run(args: argparse.Namespace) -> dict:
                                                                          rounds=args.stock_rounds, k=args.k, seed=i)))
                 bar.update(1)
         report["prefix_cache_hits_growth"] = tandem.metrics().get("vllm:prefix_cache_hits_total", 0.0) - hits0
+
+        # 1b. concurrent sessions (RTT 0): aggregate tokens/s and engine steps per generated token
+        report["concurrency"] = []
+        for n in args.concurrency:
+            prompts = [corpus[9000 + 300 * j : 9000 + 300 * j + args.gen_context] for j in range(n)]
+            for system in ("rounds", "auto", "vllm"):
+                bar.set_postfix_str(f"{n} concurrent: {system}")
+                report["concurrency"].append(asyncio.run(concurrent_tokens_per_s(
+                    tandem, tokenizer, drafter_dir, prompts, system=system, max_tokens=args.max_tokens)))  # fmt: skip
+        if args.only_concurrency:
+            return report
 
         # 2. tokens/s vs RTT
         prompt = corpus[5000 : 5000 + args.gen_context]
@@ -298,6 +358,13 @@ def format_report(report: dict) -> str:
             lines.append(f"{api} {a['context']} -> {b['context']}: latency x{b['latency_median_s'] / a['latency_median_s']:.2f}, "
                          f"bytes/round x{(b['bytes_up_per_round'] + b['bytes_down_per_round']) / (a['bytes_up_per_round'] + a['bytes_down_per_round']):.3f}")
     lines.append(f"vllm:prefix_cache_hits_total grew by {report.get('prefix_cache_hits_growth', 0):.0f} tokens")
+    if report.get("concurrency"):
+        lines.append("")
+        lines.append("Concurrent sessions at RTT 0 (rounds = tandem speculative, rounds only; auto = rounds or the stream; "
+                     "vllm = plain vLLM requests)")
+        lines.append(f"{'sessions':>9}{'system':>8}{'tokens/s':>10}{'engine steps/token':>20}")
+        for r in report["concurrency"]:
+            lines.append(f"{r['sessions']:>9}{r['system']:>8}{r['tokens_per_s']:>10.1f}{r['engine_steps_per_token']:>20.3f}")
     lines.append("")
     lines.append(f"Greedy tokens/s ({report['config']['max_tokens']} tokens, context {report['config']['gen_context']})")
     lines.append("speculative = rounds or one stream, as the router measures; rounds = rounds only (stream=False); "
@@ -326,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stock-rounds", type=int, default=6, help="verify rounds per context (stock)")
     p.add_argument("--skip-stock", action="store_true")
     p.add_argument("--skip-peer", action="store_true", help="do not start vLLM's in-engine speculative decoding")
+    p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8], help="concurrent sessions to measure")
+    p.add_argument("--only-concurrency", action="store_true", help="stop after the concurrency figures")
     p.add_argument("-k", type=int, default=4, help="draft tokens per round")
     p.add_argument("--rtts-ms", type=float, nargs="+", default=[0, 10, 50])
     p.add_argument("--gen-context", type=int, default=256, help="prompt length of the tokens/s runs")

@@ -169,6 +169,8 @@ def _rows_of_step(runner, hidden_states: torch.Tensor, req_id: str, num_tokens: 
     start = request.num_computed_tokens  # before this step
     end = start + num_tokens
     lo = max(start, first_row)
+    if start <= first_row:  # the rows' range starts in this step (again, after a preemption): nothing kept counts
+        partial.pop(req_id, None)
     if lo < end:
         offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
         rows = runner.model.compute_logits(hidden_states[offset + lo - start : offset + end - start])

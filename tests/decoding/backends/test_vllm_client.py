@@ -64,7 +64,8 @@ def drafter(vllm_pair):
 
 
 def remote(server, tokenizer, **kw) -> VLLMVerifier:
-    return VLLMVerifier(server.url, tokenizer, **kw)
+    """The client, rounds only: these tests are about rounds (streaming: tests/service/vllm/test_streaming.py)."""
+    return VLLMVerifier(server.url, tokenizer, **{"stream": False, **kw})
 
 
 def log_softmax_rows(lm: CausalLM, context: list[int], draft: list[int]) -> torch.Tensor:

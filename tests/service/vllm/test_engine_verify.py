@@ -39,7 +39,8 @@ def tokenizer(vllm_pair):
 
 @pytest.fixture(scope="module")
 def verifier(vllm_server, tokenizer):
-    v = VLLMVerifier(vllm_server.url, tokenizer, timeout_s=60.0)
+    # Rounds only: these tests are about rounds (streaming instead of rounds: test_streaming.py).
+    v = VLLMVerifier(vllm_server.url, tokenizer, timeout_s=60.0, stream=False)
     asyncio.run(v.connect())
     assert v.decides, "the engine plugin did not load: /tandem/v1/info says server_decides false"
     return v
