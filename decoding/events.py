@@ -32,6 +32,7 @@ class TransportEvent:
     resync_reason: str | None = None
     resync_tokens: int = 0
     tail_mass: float | None = None
+    server_s: float | None = None  # the server's own time on the round, when it reports it (RTT = round_s - server_s)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class RoundEvent:
     next_k: the draft length the adaptive controller picked for the next round.
     fallback: set on the round where the request switched to drafter-only.
     transport: what a remote verifier reported for this round.
+    streamed: the tokens came from a plain streaming request to the verifier, not from a round.
+    switched: set on the first event after the request switched between speculative rounds
+        (``"rounds"``) and one stream from the verifier (``"stream"``).
     """
 
     k: int
@@ -57,3 +61,5 @@ class RoundEvent:
     next_k: int = 0
     fallback: str | None = None
     transport: TransportEvent | None = None
+    streamed: bool = False
+    switched: str | None = None

@@ -167,6 +167,10 @@ VERIFY_ROUTE_PREFIX = "/tandem/v1"
 INFO_PATH = f"{VERIFY_ROUTE_PREFIX}/info"
 VERIFY_PATH = f"{VERIFY_ROUTE_PREFIX}/verify"
 SESSIONS_PATH = f"{VERIFY_ROUTE_PREFIX}/sessions"  # DELETE {SESSIONS_PATH}/{session}
+#: GET: the served model's tokenizer files, for an edge without a model of its own (the n-gram drafter).
+TOKENIZER_PATH = f"{VERIFY_ROUTE_PREFIX}/tokenizer"
+#: The only files TOKENIZER_PATH may carry (data, never code): what ``save_pretrained`` of a fast tokenizer writes.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 #: Most draft tokens one round may carry.
 MAX_DRAFT = 64
 #: A logprob above this is invalid (log-softmax is <= 0; allow float rounding, then clamp to 0).
@@ -177,15 +181,51 @@ MAX_ID_CHARS = 128
 UNKNOWN_SESSION = "unknown_session"
 
 
-class VerifyRequest(TypedDict):
-    """``POST VERIFY_PATH``: the context is ``stored[:base] + append``, then the k-token ``draft``."""
+class VerifySampling(TypedDict):
+    """The request's sampling, sent when the server decides the round (``/info`` says ``server_decides``).
+
+    The server applies it to the target's full distribution (decoding.sampling.logits_to_probs) and
+    verifies the draft as a point mass (no drafter probabilities needed; exact for any proposal).
+    ``seed`` seeds that round's draws (the client draws it from the request's generator).
+    """
+
+    temperature: float  # 0 = greedy
+    top_k: int  # 0 = off
+    top_p: float  # 1 = off
+    seed: int  # 0 <= seed < 2**63
+
+
+class VerifyRequest(TypedDict, total=False):
+    """``POST VERIFY_PATH``: the context is ``stored[:base] + append``, then the k-token ``draft``.
+
+    With ``sampling`` the server decides the round and answers the accepted tokens (``tokens``,
+    ``accepted``); without it, it answers top-K rows and the client decides.
+    """
 
     session: str  # client-chosen, see is_session_id
     base: int  # tokens of the stored context to keep; 0 starts (or restarts) the session
     append: list[int]  # tokens committed since the previous round
     draft: list[int]  # 0 <= k <= MAX_DRAFT
-    top_k: int  # K, 1 <= K <= the server's max_logprobs
+    top_k: int  # K, 1 <= K <= the server's max_logprobs (may be omitted with sampling)
     cache_salt: str | None  # the salt a previous answer returned for this session, or None
+    sampling: VerifySampling  # the server decides the round
+
+
+class DecidedResponse(TypedDict):
+    """The answer to a request with ``sampling``: the round decided where the full distribution lives."""
+
+    protocol: int
+    server_id: str
+    session: str
+    context_len: int
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    recomputed: bool
+    cache_salt: str | None
+    tokens: list[int]  # draft[:accepted] + one correction (accepted < k) or bonus (accepted == k) token
+    accepted: int  # 0 <= accepted <= k
+    draft_logprobs: list[float]  # [k]: raw target logprob of each draft token (T = 1, no filters)
+    engine_s: float
 
 
 class VerifyResponse(TypedDict):
@@ -204,6 +244,13 @@ class VerifyResponse(TypedDict):
     draft_logprobs: list[float]  # [k]: logprob of draft[i] in row i, even outside the top-K
     draft_ranks: list[int]  # [k]: its rank, 1 = best
     engine_s: float
+
+
+class TokenizerResponse(TypedDict):
+    """``GET TOKENIZER_PATH``: file name (one of TOKENIZER_FILES) -> its text, and the vocabulary's fingerprint."""
+
+    vocab_sha256: str
+    files: dict[str, str]
 
 
 def is_session_id(value: object) -> bool:

@@ -37,6 +37,7 @@ from decoding.logits_processors import LogitsPipeline
 from decoding.logprobs import TokenLogprob, token_logprobs
 from decoding.modes import MODES, Mode
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
+from decoding.stream_policy import StreamPolicy
 from decoding.structured import Grammar, GrammarCompiler, GrammarSpec
 from decoding.verifiers import Verifier, VerifierUnavailableError
 
@@ -287,6 +288,9 @@ class SpeculativeRouter:
         self.cost = CostEstimator(drafter.cost_ratio if drafter else 0.0, measured=measure_cost)
         self.eos_token_id: int | None = tokenizer.eos_token_id
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        #: For a verifier that can also generate by itself over one stream (a remote vLLM):
+        #: ``verifier-only`` streams, and ``speculative`` streams while that is measured to be faster.
+        self.stream_policy = StreamPolicy() if hasattr(verifier, "stream_tokens") else None
 
     # -- request checks -------------------------------------------------------
 
@@ -368,6 +372,9 @@ class SpeculativeRouter:
         fallback: str | None = None  # reported on the round where the switch happened
         generated: list[int] = []
         verify = draft = None
+        live = None  # an open stream from the verifier, while streaming beats rounds (see decoding.stream_policy)
+        shadow: tuple[list[int], list[int]] | None = None  # a draft measured against the stream: (proposed, seen)
+        switched: str | None = None
         tracker = AcceptanceTracker(options, self.cost.ratio)
         detok = IncrementalDetokenizer(self.tokenizer, params.stop, include_stop=params.include_stop_str_in_output,
                                        skip_special_tokens=params.skip_special_tokens)  # fmt: skip
@@ -380,6 +387,9 @@ class SpeculativeRouter:
         if params.prompt_logprobs is not None:
             rows = await self.verifier.prompt_logits(prompt_ids)  # type: ignore[attr-defined]
             prompt_logprobs = token_logprobs(rows, prompt_ids[1:], params.prompt_logprobs)
+        # A remote verifier may stream or decide rounds itself, where the full distribution lives; it
+        # then applies the request's sampling parameters but not tandem's processors, grammar or logprobs.
+        remote_ok = processing is None and params.logprobs is None
         try:
             if mode != "drafter-only":
                 try:
@@ -392,7 +402,53 @@ class SpeculativeRouter:
                 budget = limit - stats.generated_tokens
                 transport = None
                 logprob_rows = None  # [n, V]: the logits each emitted token was drawn from (for logprobs)
-                if mode == "drafter-only":
+                streamed = False
+                if mode != "drafter-only":
+                    want_stream = remote_ok and self._wants_stream(mode, params, tracker, live is not None)
+                    if live is not None and not want_stream:
+                        await live.aclose()
+                        live, shadow, switched = None, None, "rounds"
+                    elif live is None and want_stream:
+                        round_seed = int(torch.randint(0, 2**62, (1,), generator=generators.on("cpu")))
+                        live = self.verifier.stream_tokens(prompt_ids + generated, params, budget, round_seed)
+                        live_opened, live_first, live_tokens, shadow_s = time.perf_counter(), None, 0, 0.0
+                        switched = "stream" if mode == "speculative" else None
+                if live is not None:
+                    # One stream from the verifier: each chunk of tokens it sends is this loop's "round".
+                    t0 = time.perf_counter()
+                    # Keep measuring acceptance with the drafter, on at most a tenth of the stream's time.
+                    if mode == "speculative" and shadow is None and budget > 1 and shadow_s <= 0.1 * (t0 - live_opened):
+                        shadow = ((await draft.propose(min(tracker.k, budget - 1))).tokens, [])
+                        shadow_s += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                    try:
+                        got = await anext(live, None)
+                        if got is None and not live_tokens:
+                            raise VerifierUnavailableError(f"verifier {self.verifier.name}: the stream ended at once")
+                    except VerifierUnavailableError:
+                        live = None
+                        mode = fallback = self._fall_back()
+                        await self._close(verify)
+                        verify = None
+                        if draft is None:
+                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device),
+                                                       processing)  # fmt: skip
+                        continue
+                    if got is None:  # the server ended it early (e.g. its own length limit): go on with a new one
+                        live = None
+                        continue
+                    now = time.perf_counter()
+                    live_tokens += len(got.tokens)
+                    if live_first is None:  # the first chunk carries the round trip and the prefill
+                        live_first, first_tokens = now, live_tokens
+                    else:  # then the pace this edge gets, its own drafting included
+                        self.stream_policy.observe_stream(now - live_first, live_tokens - first_tokens)
+                    new_tokens, transport, streamed = got.tokens, got.transport, True
+                    k = num_accepted = 0
+                    draft_s, verify_s = 0.0, now - t0
+                    if shadow is not None:
+                        shadow = self._measure_shadow(shadow, new_tokens, tracker)
+                elif mode == "drafter-only":
                     t0 = time.perf_counter()
                     proposal = self._admissible(await draft.propose(1), processing)
                     draft_s, verify_s = time.perf_counter() - t0, 0.0
@@ -406,7 +462,12 @@ class SpeculativeRouter:
                     proposal = self._admissible(await draft.propose(k), processing) if k > 0 else EMPTY_DRAFT
                     t1 = time.perf_counter()
                     try:
-                        logits = await verify.score(proposal.tokens)
+                        if remote_ok and getattr(verify, "decides", False):  # verified where the full distribution is
+                            round_seed = int(torch.randint(0, 2**62, (1,), generator=generators.on("cpu")))
+                            decided = await verify.decide(proposal.tokens, params, round_seed)
+                        else:
+                            decided = None
+                            logits = await verify.score(proposal.tokens)
                     except VerifierUnavailableError:
                         mode = fallback = self._fall_back()
                         await self._close(verify)
@@ -421,7 +482,9 @@ class SpeculativeRouter:
                     transport = verify.last_transport
                     stats.verifier_forward_passes = verify.forward_passes
                     k = len(proposal.tokens)  # a drafter may propose fewer than asked
-                    if processing is not None:
+                    if decided is not None:
+                        new_tokens, num_accepted = decided
+                    elif processing is not None:
                         # Row i follows the context + draft[:i]: each row gets that position's processing.
                         processing.constrain(logits, proposal.tokens)
                         if params.logprobs is not None:
@@ -429,7 +492,8 @@ class SpeculativeRouter:
                         processing.process(logits, proposal.tokens)
                     elif params.logprobs is not None:
                         logprob_rows = logits
-                    new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
+                    if decided is None:
+                        new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
                     if mode == "speculative":
                         tracker.update(k, num_accepted)
 
@@ -457,10 +521,15 @@ class SpeculativeRouter:
                     next_k=tracker.k if mode == "speculative" else 0,
                     fallback=fallback,
                     transport=transport,
+                    streamed=streamed,
+                    switched=switched,
                 )
-                fallback = None
+                fallback = switched = None
                 stats.record(event)
-                self.cost.observe(event)
+                if not streamed:
+                    self.cost.observe(event)
+                if self.stream_policy is not None:
+                    self.stream_policy.observe_round(event)
                 # Stop strings count only from min_tokens on (vLLM).
                 early = max(0, min(len(shown), params.min_tokens - (stats.generated_tokens - len(new_tokens))))
                 text = detok.push(shown[:early], check_stop=False) + detok.push(shown[early:]) if early else detok.push(shown)
@@ -490,6 +559,9 @@ class SpeculativeRouter:
                 if finish is not None:
                     return
         finally:
+            if live is not None:
+                with contextlib.suppress(Exception):
+                    await live.aclose()  # the server aborts the generation
             await self._close(verify)
             await self._close(draft)
 
@@ -511,6 +583,36 @@ class SpeculativeRouter:
             probs=None if proposal.probs is None else proposal.probs[:n],
             logits=None if proposal.logits is None else proposal.logits[:n],
         )
+
+    def _wants_stream(self, mode: str, params: SamplingParams, tracker: AcceptanceTracker, streaming: bool) -> bool:
+        """Whether the verifier's own stream should produce the next tokens (see decoding.stream_policy).
+
+        A seeded sampled request never switches: which tokens it draws would then depend on timing,
+        and seeded requests reproduce (both ways are exact in distribution).
+        """
+        if self.stream_policy is None or not getattr(self.verifier, "streams", False):
+            return False
+        if mode == "verifier-only":
+            return True  # one request, one round trip: never a round per token
+        if mode != "speculative" or (params.seed is not None and not params.greedy):
+            return False
+        return self.stream_policy.prefer_stream(tracker.alpha, tracker.k, streaming)
+
+    @staticmethod
+    def _measure_shadow(
+        shadow: tuple[list[int], list[int]], tokens: list[int], tracker: AcceptanceTracker
+    ) -> tuple[list[int], list[int]] | None:
+        """Keep measuring acceptance while streaming: a draft proposed where the stream stood is
+        judged by the tokens the stream then sends. The verification rule accepts a draft token d
+        with probability p(d), which is exactly the chance that the stream samples d, so the
+        matching prefix is an unbiased acceptance sample (greedy or not)."""
+        proposed, seen = shadow
+        seen = seen + tokens
+        if len(seen) < len(proposed):
+            return proposed, seen
+        accepted = next((i for i, (a, b) in enumerate(zip(proposed, seen)) if a != b), len(proposed))
+        tracker.update(len(proposed), accepted)
+        return None
 
     def _fall_back(self) -> str:
         """Switch the request to drafter-only, or re-raise when that is not configured."""

@@ -20,6 +20,7 @@ import torch
 
 from decoding.causal_lm import CachedSequence, CausalLM
 from decoding.events import TransportEvent
+from decoding.sampling import SamplingParams
 
 
 class VerifierUnavailableError(RuntimeError):
@@ -52,6 +53,20 @@ class VerifySession(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class DecidingSession(Protocol):
+    """A session whose backend can verify a draft itself, where the verifier's full distribution lives
+    (a remote verifier that would otherwise send only top-K rows). The router then calls ``decide``
+    instead of ``score`` + its own verification, when ``decides`` is true."""
+
+    decides: bool
+
+    async def decide(self, draft: Sequence[int], params: SamplingParams, seed: int) -> tuple[list[int], int]:
+        """Verify ``draft`` under ``params`` (draws seeded with ``seed``); return
+        (the accepted drafts plus one correction or bonus token, the number accepted)."""
+        ...
 
 
 @runtime_checkable

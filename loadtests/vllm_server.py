@@ -13,6 +13,8 @@ from loadtests import prometheus
 from loadtests.procs import REPO, ServerProcess, free_port
 
 DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+#: tandem's own console script (the README's ``.venv/bin/tandem verifier``), which re-executes into vLLM's venv.
+TANDEM_CLI = REPO / ".venv" / "bin" / "tandem"
 
 
 def vllm_python() -> Path:
@@ -23,8 +25,10 @@ def vllm_python() -> Path:
 class VLLMServer(ServerProcess):
     """A vLLM server in its own process group: ``tandem verifier`` (tandem=True) or plain vLLM.
 
-    ``kill()`` SIGKILLs the whole group (API server, engine core, workers), as a crash would; ``start()``
-    again brings it back on the same port.
+    ``via_cli``: start ``tandem verifier`` as the README does, through tandem's own console script
+    (``.venv/bin/tandem verifier --model DIR --port P ...``), which hands over to ``python`` (vLLM's venv);
+    otherwise ``python -m service.vllm`` directly. ``kill()`` SIGKILLs the whole group (API server, engine
+    core, workers), as a crash would; ``start()`` again brings it back on the same port.
     """
 
     def __init__(
@@ -37,19 +41,24 @@ class VLLMServer(ServerProcess):
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        via_cli: bool = False,
     ):
         self.model = Path(model)
         self.python = Path(python or vllm_python())
         self.tandem = tandem
         self.extra_args = list(extra_args)
         port = port or free_port()
-        module = "service.vllm.route" if tandem else "vllm.entrypoints.openai.api_server"
-        cmd = [str(self.python), "-m", module, "--model", str(self.model), "--host", "127.0.0.1", "--port", str(port)]
+        if tandem and via_cli:
+            launch = [str(TANDEM_CLI), "verifier"]
+        else:
+            launch = [str(self.python), "-m", "service.vllm" if tandem else "vllm.entrypoints.openai.api_server"]
+        cmd = [*launch, "--model", str(self.model), "--port", str(port), "--host", "127.0.0.1"]
         if not tandem:  # the launcher adds these itself
             cmd += ["--enable-prefix-caching", "--gpu-memory-utilization", "0.3", "--dtype", "float32"]
         full_env = dict(os.environ)
         full_env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["TANDEM_VLLM_PYTHON"] = str(self.python)  # where the console script hands over to
         full_env.update(env or {})
         super().__init__(
             cmd + self.extra_args, port=port, name="vLLM", env=full_env, log_header=True,

@@ -61,22 +61,36 @@ def build_backends(settings: TandemSettings) -> Backends:
 
     verifier: Verifier
     if settings.remote_verifier:
-        from decoding.backends.vllm_client import VLLMVerifier  # the remote backend is optional
+        from decoding.backends.vllm_client import VLLMVerifier, fetch_tokenizer  # the remote backend is optional
         from decoding.causal_lm import read_config
 
-        tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
         api_key = settings.verifier_api_key
-        verifier = VLLMVerifier(
-            settings.verifier,
-            tokenizer,
-            api=settings.verifier_api,
-            top_logprobs=settings.verifier_top_logprobs,
-            timeout_s=settings.verifier_timeout_s,
-            retries=settings.verifier_retries,
-            backoff_s=settings.verifier_backoff_s,
-            api_key=api_key.get_secret_value() if api_key else None,
-            vocab_size=read_config(drafter_path)["vocab_size"] if drafter_path != "ngram" else None,
-        ).connect_at_start()
+        # Several replicas of one verifier: "http://a:8001,http://b:8001" (sessions stick to one, move on its loss).
+        urls = [u.strip() for u in settings.verifier.split(",") if u.strip()]
+        if settings.tokenizer or drafter_path != "ngram":
+            tokenizer = load_tokenizer(settings.tokenizer or drafter_path)
+        else:  # a model-free drafter and a remote model: the only tokenizer is the verifier's
+            tokenizer = fetch_tokenizer(urls[0], api_key.get_secret_value() if api_key else None)
+        replicas = [
+            VLLMVerifier(
+                url,
+                tokenizer,
+                api=settings.verifier_api,
+                top_logprobs=settings.verifier_top_logprobs,
+                timeout_s=settings.verifier_timeout_s,
+                retries=settings.verifier_retries,
+                backoff_s=settings.verifier_backoff_s,
+                api_key=api_key.get_secret_value() if api_key else None,
+                vocab_size=read_config(drafter_path)["vocab_size"] if drafter_path != "ngram" else None,
+            )
+            for url in urls
+        ]
+        if len(replicas) == 1:
+            verifier = replicas[0].connect_at_start()
+        else:
+            from decoding.backends.vllm_replicas import ReplicatedVerifier
+
+            verifier = ReplicatedVerifier(replicas).connect_at_start()
         verifier_lm = None
     else:
         verifier_lm = CausalLM(verifier_path, dtype=dtype, device=settings.device)

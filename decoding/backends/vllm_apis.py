@@ -101,6 +101,19 @@ class ScoredRows:
     cache_salt: str | None = None
 
 
+@dataclass(frozen=True)
+class DecidedRound:
+    """A round the server decided, validated: the accepted draft prefix plus one correction or bonus token."""
+
+    tokens: list[int]
+    accepted: int
+    draft_logprobs: list[float]  # [k]: raw target logprob of each draft token
+    num_cached_tokens: int | None = None
+    recomputed: bool = False
+    engine_s: float | None = None
+    cache_salt: str | None = None
+
+
 class WireSession(Protocol):
     """The part of a verify session an API reads and updates."""
 
@@ -123,12 +136,16 @@ class VerifyApi(Protocol):
         """Raise unless the server answers; new limits when it must be (re)adopted (a new or restarted server)."""
         ...
 
-    def request(self, session: WireSession, draft: list[int], top_k: int) -> dict:
-        """The body of a round scoring ``session.ids + draft``."""
+    def request(self, session: WireSession, draft: list[int], top_k: int, sampling: dict | None = None) -> dict:
+        """The body of a round scoring ``session.ids + draft`` (deciding it on the server with ``sampling``)."""
         ...
 
     def parse(self, body: Any, session: WireSession, draft: list[int], top_k: int, vocab_size: int) -> ScoredRows:
-        """Validate a 200 answer to :meth:`request`."""
+        """Validate a 200 answer to :meth:`request` without sampling."""
+        ...
+
+    def parse_decided(self, body: Any, session: WireSession, draft: list[int], vocab_size: int) -> DecidedRound:
+        """Validate a 200 answer to :meth:`request` with sampling."""
         ...
 
     def needs_resync(self, status: int, error_code: str | None) -> bool:
@@ -234,27 +251,21 @@ class TandemApi:
             )  # fmt: skip
         return ServerLimits(info.get("model"), server_vocab, info["max_model_len"], min(top_logprobs, k_max), info)
 
-    def request(self, session: WireSession, draft: list[int], top_k: int) -> VerifyRequest:
-        return {
+    def request(self, session: WireSession, draft: list[int], top_k: int, sampling: dict | None = None) -> VerifyRequest:
+        body: VerifyRequest = {
             "session": session.sid,
             "base": session.sent,
             "append": session.ids[session.sent :],
             "draft": draft,
-            "top_k": top_k,
             "cache_salt": session.salt,
         }
+        if sampling is None:
+            body["top_k"] = top_k
+        else:
+            body["sampling"] = sampling  # type: ignore[typeddict-item]
+        return body
 
-    def needs_resync(self, status: int, error_code: str | None) -> bool:
-        return status == 409 and error_code == UNKNOWN_SESSION
-
-    def committed(self, session: WireSession, request: dict, rows: ScoredRows) -> None:
-        session.sent = request["base"] + len(request["append"])
-        session.salt = rows.cache_salt
-
-    def release_path(self, session: WireSession) -> str | None:
-        return f"{SESSIONS_PATH}/{session.sid}" if session.sent else None
-
-    def parse(self, body: Any, session: WireSession, draft: list[int], top_k: int, vocab_size: int) -> ScoredRows:
+    def _check_common(self, body: Any, session: WireSession, draft: list[int]) -> tuple[int, str | None, float | None]:
         if not isinstance(body, dict):
             raise ValueError("body is not an object")
         k, n = len(draft), len(session.ids)
@@ -270,6 +281,38 @@ class TandemApi:
         salt = body.get("cache_salt")
         if salt is not None and not isinstance(salt, str):
             raise ValueError("cache_salt invalid")
+        engine_s = body.get("engine_s")
+        return cached, salt, float(engine_s) if _is_num(engine_s) else None
+
+    def parse_decided(self, body: Any, session: WireSession, draft: list[int], vocab_size: int) -> DecidedRound:
+        cached, salt, engine_s = self._check_common(body, session, draft)
+        k = len(draft)
+        tokens, accepted, lps = body.get("tokens"), body.get("accepted"), body.get("draft_logprobs")
+        if not _is_int(accepted) or not 0 <= accepted <= k:
+            raise ValueError(f"accepted {accepted!r} not in [0, {k}]")
+        if not isinstance(tokens, list) or len(tokens) != accepted + 1:
+            raise ValueError("tokens is not the accepted drafts plus one token")
+        if not all(_is_int(t) and 0 <= t < vocab_size for t in tokens) or tokens[:accepted] != draft[:accepted]:
+            raise ValueError("tokens out of range or not the accepted draft prefix")
+        if accepted < k and tokens[accepted] == draft[accepted]:
+            raise ValueError("the correction token equals the rejected draft token")
+        if not isinstance(lps, list) or len(lps) != k or not all(_is_num(x) and x <= LOGPROB_SLACK for x in lps):
+            raise ValueError("draft_logprobs invalid")
+        return DecidedRound(tokens, accepted, [min(float(x), 0.0) for x in lps], cached, body["recomputed"], engine_s, salt)
+
+    def needs_resync(self, status: int, error_code: str | None) -> bool:
+        return status == 409 and error_code == UNKNOWN_SESSION
+
+    def committed(self, session: WireSession, request: dict, rows: ScoredRows) -> None:
+        session.sent = request["base"] + len(request["append"])
+        session.salt = rows.cache_salt
+
+    def release_path(self, session: WireSession) -> str | None:
+        return f"{SESSIONS_PATH}/{session.sid}" if session.sent else None
+
+    def parse(self, body: Any, session: WireSession, draft: list[int], top_k: int, vocab_size: int) -> ScoredRows:
+        cached, salt, engine_s = self._check_common(body, session, draft)
+        k = len(draft)
         top_ids, top_lps = body.get("top_ids"), body.get("top_logprobs")
         draft_lps, draft_ranks = body.get("draft_logprobs"), body.get("draft_ranks")
         if not (isinstance(top_ids, list) and isinstance(top_lps, list) and len(top_ids) == len(top_lps) == k + 1):
@@ -288,11 +331,9 @@ class TandemApi:
                 j = top_ids[i].index(draft[i])
                 if abs(top_lps[i][j] - lp) > 1e-4:
                     raise ValueError(f"row {i}: draft logprob disagrees with its top-K entry")
-        engine_s = body.get("engine_s")
         return ScoredRows(
             top_ids, top_lps, draft_lps,
-            num_cached_tokens=cached, recomputed=body["recomputed"],
-            engine_s=float(engine_s) if _is_num(engine_s) else None, cache_salt=salt,
+            num_cached_tokens=cached, recomputed=body["recomputed"], engine_s=engine_s, cache_salt=salt,
         )  # fmt: skip
 
 
@@ -342,7 +383,9 @@ class StockApi:
             raise VerifierUnavailableError(f"verifier {self.url}: /health answered {status}")
         return await self.handshake(http, top_logprobs) if known is None else None
 
-    def request(self, session: WireSession, draft: list[int], top_k: int) -> dict:
+    def request(self, session: WireSession, draft: list[int], top_k: int, sampling: dict | None = None) -> dict:
+        if sampling is not None:
+            raise ValueError("a stock vLLM endpoint cannot decide rounds")
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": session.ids + draft,
@@ -363,6 +406,9 @@ class StockApi:
 
     def release_path(self, session: WireSession) -> str | None:
         return None
+
+    def parse_decided(self, body: Any, session: WireSession, draft: list[int], vocab_size: int) -> DecidedRound:
+        raise ValueError("a stock vLLM endpoint cannot decide rounds")
 
     def parse(self, body: Any, session: WireSession, draft: list[int], top_k: int, vocab_size: int) -> ScoredRows:
         k, n = len(draft), len(session.ids)
@@ -426,4 +472,4 @@ def make_api(name: str, url: str, tokenizer: Any | None, vocab_size: int | None,
     raise ValueError(f"api must be 'tandem' or 'stock', got {name!r}")
 
 
-__all__ = ["ScoredRows", "ServerLimits", "StockApi", "TandemApi", "VerifierIncompatibleError", "VerifyApi", "make_api"]
+__all__ = ["DecidedRound", "ScoredRows", "ServerLimits", "StockApi", "TandemApi", "VerifierIncompatibleError", "VerifyApi", "make_api"]

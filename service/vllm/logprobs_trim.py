@@ -5,6 +5,11 @@ hits included) into Python objects: O(context x K) work per verify round. With
 it, that work is O(k x K). A request opts in through
 ``SamplingParams.extra_args[EXTRA_ARGS_ROWS_KEY] = N``; others are untouched.
 
+A request the engine decides (``service.vllm.engine_verify``) gets no rows at
+all: its "prompt logprobs" are the engine's encoded decision, which this patch
+decodes into a :class:`~service.vllm.engine_verify.Decision`, handed to the route
+as the request output's ``prompt_logprobs[0]``.
+
 It patches ``vllm.v1.engine.logprobs.LogprobsProcessor`` (checked against vLLM
 0.32). If those internals differ, nothing is patched and the route still
 works, only slower (``/tandem/v1/info`` reports ``fast_prompt_logprobs``).
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+from service.vllm.engine_verify import EXTRA_ARGS_DECIDE_KEY, decode_decision
 
 logger = logging.getLogger("tandem.vllm_route")
 
@@ -29,9 +36,7 @@ def install_prompt_logprobs_trim() -> bool:
     global _installed
     if _installed is not None:
         return _installed
-    if os.environ.get("TANDEM_VERIFY_NO_TRIM") == "1":
-        _installed = False
-        return False
+    trim = os.environ.get("TANDEM_VERIFY_NO_TRIM") != "1"  # the decisions are decoded either way
     try:
         from vllm.v1.engine import logprobs as lp_mod
 
@@ -50,10 +55,17 @@ def install_prompt_logprobs_trim() -> bool:
         rows = extra.get(EXTRA_ARGS_ROWS_KEY)
         if isinstance(rows, int) and rows > 0:
             proc._tandem_rows = rows
+        if EXTRA_ARGS_DECIDE_KEY in extra:
+            proc._tandem_decide = True
         return proc
 
     def _update_prompt_logprobs(self, prompt_logprobs_tensors):
-        rows = getattr(self, "_tandem_rows", None)
+        if getattr(self, "_tandem_decide", False):
+            # The engine decided the round: a [2, k+1] decision, not logprob rows (None if the
+            # engine did not decide, e.g. its plugin is missing; the route then says so).
+            self.prompt_logprobs = [decode_decision(prompt_logprobs_tensors)]
+            return None
+        rows = getattr(self, "_tandem_rows", None) if trim else None
         if rows is not None:
             # The model runner hands the whole prompt's tensor over once, when
             # prefill completes; keep its last `rows` rows, once.
@@ -68,5 +80,5 @@ def install_prompt_logprobs_trim() -> bool:
 
     proc_cls.from_new_request = classmethod(from_new_request)
     proc_cls._update_prompt_logprobs = _update_prompt_logprobs
-    _installed = True
-    return True
+    _installed = trim
+    return trim

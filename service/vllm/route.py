@@ -11,6 +11,9 @@ as vLLM's engine client and share its FastAPI app:
     verification positions only.
 ``DELETE /tandem/v1/sessions/{session}``
     forget a session's context early (it also expires on its own).
+``GET /tandem/v1/tokenizer``
+    the served model's tokenizer files, for an edge that has no model
+    directory of its own (the n-gram drafter).
 
 Why a route and not ``/v1/completions``: a stock request with
 ``prompt_logprobs`` bypasses the prefix cache (vLLM sets
@@ -42,8 +45,10 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,15 +57,19 @@ from decoding.protocol import (
     LOGPROB_SLACK,
     MAX_DRAFT,
     SESSIONS_PATH,
+    TOKENIZER_FILES,
+    TOKENIZER_PATH,
     UNKNOWN_SESSION,
     VERIFY_PATH,
     VERIFY_PROTOCOL_VERSION,
+    TokenizerResponse,
     VerifyResponse,
     is_cache_salt,
     is_session_id,
     vocab_fingerprint,
 )
 from service.http import APIKeys, dumps, json_error
+from service.vllm.engine_verify import DecideSpec, Decision
 from service.vllm.logprobs_trim import EXTRA_ARGS_ROWS_KEY, install_prompt_logprobs_trim
 from service.vllm.sessions import ContextStore, StoreLimits, UnknownSessionError
 
@@ -131,7 +140,42 @@ class TandemVerifyService:
         self.tokenizer_vocab_size = len(vocab) if vocab is not None else None
         self.vocab_sha256 = vocab_fingerprint(vocab) if vocab is not None else None
         self.fast_path = install_prompt_logprobs_trim()
-        self.counters = {"rounds": 0, "recomputed_rounds": 0, "unknown_session": 0}
+        self.counters = {"rounds": 0, "decided_rounds": 0, "recomputed_rounds": 0, "unknown_session": 0}
+        self._tokenizer_files: TokenizerResponse | None = None
+        #: Whether the engine decides rounds (service.vllm.engine_verify loaded in the engine process);
+        #: None until probed with a one-token round.
+        self.server_decides: bool | None = None
+
+    async def probe(self) -> bool:
+        """Find out once whether the engine decides rounds (its plugin may be missing or fail to patch)."""
+        if self.server_decides is None:
+            try:
+                out = await self._run([0, 0], 1, 1, None, skip_cache=True, decide=DecideSpec(1, 0.0, 0, 1.0, 0))
+                self.server_decides = isinstance((out.prompt_logprobs or [None])[0], Decision)
+            except Exception as exc:  # the engine is not up yet: ask again next time
+                logger.warning("tandem: could not probe engine-side verification (%s: %s)", type(exc).__name__, exc)
+                return False
+            if not self.server_decides:
+                logger.warning("tandem: the engine does not decide rounds (plugin service.vllm.engine_verify not "
+                               "loaded); clients get top-K rows and sampling is exact only for top_k <= K")  # fmt: skip
+        return self.server_decides
+
+    def tokenizer_files(self) -> TokenizerResponse | None:
+        """The tokenizer as ``save_pretrained`` writes it (data files only), or None without a HF tokenizer."""
+        if self._tokenizer_files is None and self.vocab_sha256 is not None:
+            try:
+                tokenizer = self.engine.get_tokenizer()
+                with tempfile.TemporaryDirectory(prefix="tandem-tokenizer-") as tmp:
+                    tokenizer.save_pretrained(tmp)
+                    files = {name: (Path(tmp) / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES
+                             if (Path(tmp) / name).is_file()}  # fmt: skip
+            except Exception as exc:  # e.g. a tokenizer that is not a Hugging Face one
+                logger.warning("tandem: cannot serve the tokenizer (%s: %s)", type(exc).__name__, exc)
+                return None
+            if "tokenizer.json" not in files:
+                return None
+            self._tokenizer_files = {"vocab_sha256": self.vocab_sha256, "files": files}
+        return self._tokenizer_files
 
     def info(self) -> dict:
         return {
@@ -147,9 +191,31 @@ class TandemVerifyService:
             "block_size": self.block_size,
             "prefix_caching": self.prefix_caching,
             "fast_prompt_logprobs": self.fast_path,
+            "server_decides": bool(self.server_decides),
             "sessions": len(self.sessions),
             "counters": dict(self.counters),
         }
+
+    def _check_sampling(self, value: Any) -> tuple[float, int, float, int] | None:
+        """The optional ``sampling`` object of a request the server decides: (temperature, top_k, top_p, seed)."""
+        if value is None:
+            return None
+
+        def bad(msg: str, param: str) -> VerifyFailure:
+            return VerifyFailure(400, "invalid_request", f"sampling.{param}: {msg}")
+
+        if not isinstance(value, dict):
+            raise VerifyFailure(400, "invalid_request", "sampling: must be an object")
+        t, top_k, top_p, seed = (value.get(key) for key in ("temperature", "top_k", "top_p", "seed"))
+        if type(t) not in (int, float) or not 0 <= t < float("inf"):
+            raise bad("must be a finite number >= 0", "temperature")
+        if type(top_k) is not int or top_k < 0:
+            raise bad("must be an integer >= 0 (0 disables it)", "top_k")
+        if type(top_p) not in (int, float) or not 0 < top_p <= 1:
+            raise bad("must be in (0, 1]", "top_p")
+        if type(seed) is not int or not 0 <= seed < 2**63:
+            raise bad("must be an integer in [0, 2^63)", "seed")
+        return float(t), top_k, float(top_p), seed
 
     def _check_request(self, body: Mapping[str, Any]) -> tuple[str, int, list[int], list[int], int, str | None]:
         def bad(msg: str, param: str) -> VerifyFailure:
@@ -171,6 +237,8 @@ class TandemVerifyService:
             raise bad(f"at most {MAX_DRAFT} tokens", "draft")
         top_k = body.get("top_k")
         k_max = min(self.max_logprobs, self.vocab_size)
+        if top_k is None and body.get("sampling") is not None:
+            top_k = 1  # the server decides: no rows are returned
         if type(top_k) is not int or not 1 <= top_k <= k_max:
             raise bad(f"must be an integer in [1, {k_max}] (vLLM --max-logprobs)", "top_k")
         salt = body.get("cache_salt")
@@ -178,21 +246,31 @@ class TandemVerifyService:
             raise bad("must be a string of 1-128 characters without '@', '/', '\\' or NUL", "cache_salt")
         return session, base, lists["append"], lists["draft"], top_k, salt
 
-    async def _run(self, prompt: list[int], k: int, top_k: int, salt: str | None, skip_cache: bool):
-        from vllm.inputs import TokensPrompt
+    async def _run(self, prompt: list[int], k: int, top_k: int, salt: str | None, skip_cache: bool,
+                   decide: DecideSpec | None = None):  # fmt: skip
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        params = SamplingParams(
-            max_tokens=1,
-            temperature=0.0,
-            logprobs=top_k,
-            prompt_logprobs=top_k if k > 0 else None,
-            skip_reading_prefix_cache=skip_cache,
-            detokenize=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
-            extra_args={EXTRA_ARGS_ROWS_KEY: k} if k > 0 else None,
-        )
-        tokens_prompt = TokensPrompt(prompt_token_ids=prompt)
+        if decide is not None:
+            # The engine decides (service.vllm.engine_verify): it computes the k+1 rows' logits
+            # itself, so one prompt logprob is enough to route the request through its hook,
+            # and the token vLLM samples at the end of the prompt is not used.
+            params = SamplingParams(
+                max_tokens=1, temperature=0.0, prompt_logprobs=1, skip_reading_prefix_cache=skip_cache,
+                detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY, extra_args=decide.to_extra_args(),
+            )  # fmt: skip
+        else:
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=top_k,
+                prompt_logprobs=top_k if k > 0 else None,
+                skip_reading_prefix_cache=skip_cache,
+                detokenize=False,
+                output_kind=RequestOutputKind.FINAL_ONLY,
+                extra_args={EXTRA_ARGS_ROWS_KEY: k} if k > 0 else None,
+            )
+        # Already rendered (a dict with "type"): vLLM processes it in this task, without a thread-pool hop.
+        tokens_prompt: dict = {"type": "token", "prompt_token_ids": prompt}
         if salt is not None:
             tokens_prompt["cache_salt"] = salt
         final = None
@@ -204,6 +282,10 @@ class TandemVerifyService:
 
     async def verify(self, body: Mapping[str, Any]) -> VerifyResponse:
         session, base, append, draft, top_k, salt = self._check_request(body)
+        sampling = self._check_sampling(body.get("sampling"))
+        if sampling is not None and not await self.probe():
+            raise VerifyFailure(400, "server_cannot_decide", "this verifier's engine does not decide rounds "
+                                "(its engine plugin is not loaded); send top_k without sampling")  # fmt: skip
         try:
             ctx = self.sessions.resolve(session, base, append)
         except UnknownSessionError:
@@ -220,20 +302,24 @@ class TandemVerifyService:
             )
         prompt = ctx.tolist()
         prompt.extend(draft)
+        decide = DecideSpec(k, *sampling) if sampling is not None else None
         t0 = time.perf_counter()
-        out = await self._run(prompt, k, top_k, salt, skip_cache=False)
+        out = await self._run(prompt, k, top_k, salt, skip_cache=False, decide=decide)
         recomputed = False
         # Row i (predicting draft[i], or the bonus token for i == k) is computed
         # at prompt position n-1+i; a cache hit covering position n-1 means
-        # those rows were not computed in this request and hold garbage.
-        if k > 0 and (out.num_cached_tokens or 0) > n - 1:
+        # those rows were not computed in this request (vLLM leaves them
+        # uninitialised; the engine-side verification has no logits for them).
+        if (k > 0 or decide is not None) and (out.num_cached_tokens or 0) > n - 1:
             recomputed = True
             self.counters["recomputed_rounds"] += 1
             salt = f"tandem-{session}"
-            out = await self._run(prompt, k, top_k, salt, skip_cache=False)
+            out = await self._run(prompt, k, top_k, salt, skip_cache=False, decide=decide)
             if (out.num_cached_tokens or 0) > n - 1:
-                out = await self._run(prompt, k, top_k, salt, skip_cache=True)
+                out = await self._run(prompt, k, top_k, salt, skip_cache=True, decide=decide)
         engine_s = time.perf_counter() - t0
+        if decide is not None:
+            return self._decided(out, session, n, k, draft, salt, recomputed, engine_s)
 
         top_ids: list[list[int]] = []
         top_lps: list[list[float]] = []
@@ -278,6 +364,38 @@ class TandemVerifyService:
             "top_logprobs": top_lps,
             "draft_logprobs": draft_lps,
             "draft_ranks": draft_ranks,
+            "engine_s": round(engine_s, 6),
+        }
+
+
+    def _decided(self, out, session: str, n: int, k: int, draft: list[int], salt: str | None, recomputed: bool,
+                 engine_s: float) -> dict:  # fmt: skip
+        """The answer of a round the engine decided: the accepted tokens and one correction or bonus token."""
+        decision = (out.prompt_logprobs or [None])[0]
+        if not isinstance(decision, Decision) or not decision.computed:
+            raise VerifyFailure(500, "invalid_engine_output", "the engine did not decide the round")
+        tokens, accepted = decision.tokens, decision.accepted
+        if len(tokens) != accepted + 1 or tokens[:accepted] != draft[:accepted] or not 0 <= accepted <= k:
+            raise VerifyFailure(500, "invalid_engine_output", "the engine's decision does not fit the draft")
+        if not all(0 <= t < self.vocab_size for t in tokens) or (accepted < k and tokens[accepted] == draft[accepted]):
+            raise VerifyFailure(500, "invalid_engine_output", "the engine's decision holds an invalid token")
+        lps = decision.draft_logprobs
+        if len(lps) != k or not all(math.isfinite(x) and x <= LOGPROB_SLACK for x in lps):
+            raise VerifyFailure(500, "invalid_engine_output", "the engine's draft logprobs are invalid")
+        self.counters["rounds"] += 1
+        self.counters["decided_rounds"] += 1
+        return {
+            "protocol": VERIFY_PROTOCOL_VERSION,
+            "server_id": self.server_id,
+            "session": session,
+            "context_len": n,
+            "num_prompt_tokens": n + k,
+            "num_cached_tokens": int(out.num_cached_tokens or 0),
+            "recomputed": recomputed,
+            "cache_salt": salt,
+            "tokens": tokens,
+            "accepted": accepted,
+            "draft_logprobs": [float(f"{min(x, 0.0):.9g}") for x in lps],
             "engine_s": round(engine_s, 6),
         }
 
@@ -327,7 +445,9 @@ def build_router(limits: StoreLimits = StoreLimits()):
     async def info(request: Request):
         if (refused := refuse(request)) is not None:
             return refused
-        return service(request).info()
+        svc = service(request)
+        await svc.probe()
+        return svc.info()
 
     @router.post(VERIFY_PATH)
     async def verify(request: Request):
@@ -360,6 +480,15 @@ def build_router(limits: StoreLimits = StoreLimits()):
             status = 400 if "Validation" in name or isinstance(exc, ValueError) else 503
             return json_error(status, f"{name}: {exc}", "engine_error")
         return Response(dumps(result), media_type="application/json")
+
+    @router.get(TOKENIZER_PATH)
+    async def tokenizer(request: Request):
+        if (refused := refuse(request)) is not None:
+            return refused
+        files = await asyncio.to_thread(service(request).tokenizer_files)
+        if files is None:
+            return json_error(404, "this server has no Hugging Face tokenizer to share", "tokenizer_unavailable")
+        return Response(dumps(files), media_type="application/json")
 
     @router.delete(f"{SESSIONS_PATH}/{{session}}")
     async def drop_session(session: str, request: Request):

@@ -34,6 +34,9 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
         samples = gateway_on_vllm.metrics()
         return {
             "round_trips": sum_metric(samples, "tandem_verifier_round_trips_total", backend="vllm"),
+            "to_stream": sum_metric(samples, "tandem_verifier_mode_switches_total", to="stream"),
+            "streamed": sum_metric(samples, "tandem_verifier_streamed_tokens_total", backend="vllm"),
+            "rtt_rounds": sum_metric(samples, "tandem_verifier_rtt_seconds_count", backend="vllm"),
             "tail_mass_rounds": sum_metric(samples, "tandem_verifier_tail_mass_count"),
             "up": sum_metric(samples, "tandem_verifier_wire_bytes_total", backend="vllm", direction="up"),
             "down": sum_metric(samples, "tandem_verifier_wire_bytes_total", backend="vllm", direction="down"),
@@ -48,9 +51,22 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
     after = sample()
     grown = {key: after[key] - before[key] for key in after}
     assert rounds > 0
-    assert grown["round_trips"] == rounds  # one exchange per round (no resync, no retry)
-    assert grown["tail_mass_rounds"] == rounds
+    # One exchange per round (no resync, no retry), and one per stream the request switched to.
+    assert grown["round_trips"] == rounds + grown["to_stream"]
+    assert grown["rtt_rounds"] == rounds  # each clean round measures the network
+    assert grown["tail_mass_rounds"] == 0  # the engine decided every round on the full distribution: no tail
     assert grown["up"] >= 100 * rounds and grown["down"] >= 100 * rounds
+
+    # verifier-only over the network: one streaming request, its tokens counted as streamed.
+    before = sample()
+    r = gateway_on_vllm.http.post("/v1/completions", json={
+        "model": "tandem", "prompt": "def main():", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        "tandem": {"mode": "verifier-only"},
+    })  # fmt: skip
+    assert r.status_code == 200, r.text
+    grown = {key: value - before[key] for key, value in sample().items()}
+    assert grown["streamed"] == r.json()["usage"]["completion_tokens"] == 12
+    assert grown["round_trips"] == 1 and grown["to_stream"] == 0  # verifier-only streams from the start
 
 
 def test_vllm_killed_mid_stream_gives_a_clean_error_and_the_gateway_recovers(gateway_on_vllm, vllm_server):

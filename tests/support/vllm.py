@@ -1,8 +1,9 @@
 """A real vLLM server, one per test session (starting it takes about a minute).
 
-Started through tandem's own launcher (``python -m service.vllm.route``, i.e. ``tandem verifier``) from the
-vLLM venv (``TANDEM_VLLM_PYTHON``, default ``.venv-vllm/bin/python``). Without it the tests that need it FAIL
-with instructions: `make test` installs it, and no mock stands in for vLLM. Loaded as a pytest plugin by
+Started as the README says, ``.venv/bin/tandem verifier --model DIR --port P`` (tandem's own console script,
+which hands over to the vLLM venv's Python: ``TANDEM_VLLM_PYTHON``, default ``.venv-vllm/bin/python``), so every
+test on this server also checks that command. Without the vLLM venv the tests that need it FAIL with
+instructions: `make test` installs it, and no mock stands in for vLLM. Loaded as a pytest plugin by
 tests/conftest.py.
 """
 
@@ -46,7 +47,7 @@ def vllm_server(vllm_pair, tmp_path_factory):
             pytrace=False,
         )
     log = Path(os.environ.get("TANDEM_VLLM_LOG", tmp_path_factory.mktemp("vllm_log") / "vllm.log"))
-    server = VLLMServer(vllm_pair[0], python=python, extra_args=TEST_SERVER_ARGS, log_path=log)
+    server = VLLMServer(vllm_pair[0], python=python, extra_args=TEST_SERVER_ARGS, log_path=log, via_cli=True)
     try:
         server.start(timeout_s=float(os.environ.get("TANDEM_VLLM_START_TIMEOUT_S", "600")))
     except RuntimeError as exc:

@@ -64,7 +64,8 @@ def drafter(vllm_pair):
 
 
 def remote(server, tokenizer, **kw) -> VLLMVerifier:
-    return VLLMVerifier(server.url, tokenizer, **kw)
+    """The client, rounds only: these tests are about rounds (streaming: tests/service/vllm/test_streaming.py)."""
+    return VLLMVerifier(server.url, tokenizer, **{"stream": False, **kw})
 
 
 def log_softmax_rows(lm: CausalLM, context: list[int], draft: list[int]) -> torch.Tensor:
@@ -149,6 +150,32 @@ def test_handshake_reads_limits_and_checks_vocabulary(vllm_server, tokenizer, vl
         asyncio.run(VLLMVerifier(vllm_server.url + "/nothing-here", tokenizer).connect())
 
 
+def test_ngram_drafter_against_the_remote_verifier(vllm_server, tokenizer):
+    """``tandem generate --verifier URL --drafter ngram``: no model on the edge at all. The tokenizer comes from
+    the verifier (``GET /tandem/v1/tokenizer``), and greedy output is vLLM's own greedy completion."""
+    prompt = "def main():\n    return main()\n\ndef main():\n    return main()\n\ndef main():\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tandem"), "generate", "--verifier", vllm_server.url, "--drafter", "ngram",
+         "--prompt", prompt, "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=True)  # the fetched tokenizer is the drafter's
+    assert result["token_ids"] == vllm_greedy(vllm_server, prompt_ids, MAX_TOKENS)
+    # The n-gram drafter did propose (the router may then stream from vLLM, faster than rounds for this tiny model).
+    assert result["stats"]["draft_tokens"] > 0
+    # Without a verifier that shares its tokenizer, the error names the way out.
+    backends_error = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "tandem"), "generate", "--verifier", vllm_server.url + "/nothing-here",
+         "--drafter", "ngram", "--prompt", "x"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert backends_error.returncode != 0 and "--tokenizer DIR" in backends_error.stderr
+    assert "Traceback" not in backends_error.stderr
+
+
 # -- exactness -------------------------------------------------------------------------------
 
 
@@ -219,7 +246,9 @@ def test_rows_are_exact_and_prefix_cache_hits_from_second_round(vllm_server, tok
 
 
 def test_sampling_exact_when_top_k_within_K_and_tail_mass_is_the_true_mass(vllm_server, tokenizer, corpus, verifier_lm):
-    v = remote(vllm_server, tokenizer, top_logprobs=8)
+    """The client deciding on top-K rows (decide=False, or a server whose engine does not decide);
+    rounds the server decides are exact at any sampling (tests/service/vllm/test_engine_verify.py)."""
+    v = remote(vllm_server, tokenizer, top_logprobs=8, decide=False)
     reports = []
     v.on_round.append(reports.append)
     context, draft = corpus[9000:9150], corpus[9150:9153]

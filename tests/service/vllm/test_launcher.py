@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.vllm_server import vllm_python
-from service.vllm.launcher import main
+import httpx
+
+from loadtests.vllm_server import TANDEM_CLI, vllm_python
+from service.vllm.launcher import main, python_environment
 from service.vllm.plugin import MAX_SESSIONS_ENV, SESSION_TTL_ENV, TandemEndpointPlugin, limits_from_env
 from service.vllm.sessions import StoreLimits
 
@@ -24,9 +26,12 @@ def test_launcher_passes_vllm_arguments_through_with_defaults(capsys):
     argv = json.loads(capsys.readouterr().out)
     assert argv[:6] == ["--model", "/m", "--port", "8001", "--tensor-parallel-size", "2"]
     assert "--enable-prefix-caching" in argv
-    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--tandem-print-argv"]) == 0
+    assert argv[argv.index("--block-size") + 1] == "32"  # this machine has no GPU: a round recomputes < 32 + k
+    assert main(["--model", "/m", "--dtype", "bfloat16", "--no-enable-prefix-caching", "--block-size", "64",
+                 "--tandem-print-argv"]) == 0  # fmt: skip
     argv = json.loads(capsys.readouterr().out)
     assert argv.count("--dtype") == 1 and "--enable-prefix-caching" not in argv
+    assert argv.count("--block-size") == 1 and argv[argv.index("--block-size") + 1] == "64"
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
@@ -100,7 +105,47 @@ print(json.dumps(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["generate"] == {
-        "routes": ["/tandem/v1/info", "/tandem/v1/sessions/{session}", "/tandem/v1/verify"], "protocol": True,
+        "routes": ["/tandem/v1/info", "/tandem/v1/sessions/{session}", "/tandem/v1/tokenizer", "/tandem/v1/verify"],
+        "protocol": True,
     }  # fmt: skip
     assert out["embed"]["routes"] == []  # required_tasks: a pooling server gets no verify route
     assert out["plugin_enabled"]  # so the launcher leaves attaching the routes to vLLM
+
+
+def test_venvs_on_one_base_interpreter_are_told_apart(tmp_path):
+    """Both venvs' ``bin/python`` resolve to the same base binary; the launcher compares the venvs."""
+    base = Path(sys.executable).resolve()
+    envs = []
+    for name in ("tandem-venv", "vllm-venv"):
+        (tmp_path / name / "bin").mkdir(parents=True)
+        (tmp_path / name / "pyvenv.cfg").write_text(f"home = {base.parent}\n")
+        (tmp_path / name / "bin" / "python").symlink_to(base)
+        envs.append(python_environment(tmp_path / name / "bin" / "python"))
+    assert (tmp_path / "tandem-venv" / "bin" / "python").resolve() == (tmp_path / "vllm-venv" / "bin" / "python").resolve()
+    assert envs[0] != envs[1]
+    assert python_environment(base) == base  # outside a venv: the interpreter itself
+
+
+def test_cli_without_a_vllm_venv_says_what_to_do(tmp_path):
+    env = dict(os.environ, TANDEM_VLLM_PYTHON=str(tmp_path / "missing" / "python"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    out = subprocess.run([str(TANDEM_CLI), "verifier", "--model", "/m", "--port", "8001"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr and "TANDEM_VLLM_PYTHON" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_command_serves(vllm_server):
+    """The README's ``.venv/bin/tandem verifier --model DIR --port P``, run from tandem's venv (which has no
+    vLLM): the session's shared server is started exactly that way (tests/support/vllm.py), and it serves."""
+    assert ".venv/bin/tandem verifier --model /models/verifier --port 8001" in (REPO / "README.md").read_text()
+    assert vllm_server.cmd[:6] == [
+        str(TANDEM_CLI), "verifier", "--model", str(vllm_server.model), "--port", str(vllm_server.port),
+    ]  # fmt: skip
+    assert subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-c", "import vllm"], capture_output=True).returncode != 0
+    info = httpx.get(vllm_server.url + "/tandem/v1/info", timeout=30).json()
+    assert info["protocol"] == 1 and info["vocab_size"] > 0
+    # The launcher replaced itself (same pid) with vLLM's Python running `-m service.vllm`.
+    cmdline = Path(f"/proc/{vllm_server.proc.pid}/cmdline").read_bytes().decode().split("\0")
+    assert cmdline[1:3] == ["-m", "service.vllm"]
+    assert python_environment(Path(cmdline[0])) == python_environment(vllm_python())
