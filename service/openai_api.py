@@ -64,8 +64,9 @@ def refused(neutral: Any = None, *, also_neutral: tuple[Any, ...] = (), why: str
     ``example`` is a non-neutral value (the schema test sends it and expects a 400 naming the field).
     """
     extra = {POLICY_KEY: "refused", "x-tandem-neutral": [neutral, *also_neutral], "x-tandem-why": why}
-    return Field(neutral, json_schema_extra=extra, examples=[example], description=f"Not supported{': ' + why if why else ''}; "
-                 f"only {neutral!r} is accepted.")  # fmt: skip
+    reason = f" ({why})" if why else ""
+    description = f"Not supported by tandem{reason}: only {json.dumps(neutral)} is accepted."
+    return Field(neutral, json_schema_extra=extra, examples=[example], description=description)
 
 
 def no_effect(why: str, default: Any = None, example: Any = "x") -> Any:
