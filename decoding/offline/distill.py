@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import random
 import shlex
 import shutil
@@ -52,7 +51,6 @@ from decoding.causal_lm import HEAD_VOCABULARY, ModelLoadError, check_model_dir,
 from decoding.offline.training import (
     SoftTargets,
     acceptance_eval,
-    asdict_targets,
     concat_targets,
     distill_kl,
     forward_cost,
