@@ -515,7 +515,7 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1)) if alpha < 1 else (k + 1) / (k * c + 1)
 
 
-def _summarise(acc: dict, c: float) -> dict:
+def summarise_acceptance(acc: dict, c: float) -> dict:
     k = acc["k"]
     alpha = alpha_from_mean(acc["mean_accepted_per_round"], k)
     best_k = max(range(1, 9), key=lambda j: predicted_speedup(alpha, j, c))
@@ -673,7 +673,7 @@ def distill(
             for which, d in (("start", start_dir), ("distilled", tmp_out)):
                 acc = acceptance_eval(verifier_dir, d, prompts, recipe.eval_new_tokens, recipe.eval_draft_tokens, c, ref, ignore_eos)
                 ref = acc.pop("reference")
-                entry[which] = _summarise(acc, c if which == "distilled" else 1 / result.cost["start_ratio"])
+                entry[which] = summarise_acceptance(acc, c if which == "distilled" else 1 / result.cost["start_ratio"])
             if head_ids is not None:
                 toks = torch.tensor([x for r in ref for x in r], dtype=torch.long)
                 entry["head_coverage_of_verifier_output"] = torch.isin(toks, head_ids).float().mean().item() if len(toks) else None
