@@ -516,6 +516,7 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
 
 
 def summarise_acceptance(acc: dict, c: float) -> dict:
+    """An :func:`acceptance_eval` result with α, tokens per round and the predicted speedup at cost ratio ``c``."""
     k = acc["k"]
     alpha = alpha_from_mean(acc["mean_accepted_per_round"], k)
     best_k = max(range(1, 9), key=lambda j: predicted_speedup(alpha, j, c))
