@@ -228,7 +228,7 @@ def head_compare(args: argparse.Namespace) -> dict:
     import tempfile
 
     from decoding.causal_lm import HEAD_VOCABULARY
-    from decoding.offline.distill import DistillRecipe, _summarise
+    from decoding.offline.distill import DistillRecipe, summarise_acceptance
     from decoding.offline.training import acceptance_eval, forward_cost
 
     torch.set_num_threads(args.threads)
@@ -249,7 +249,7 @@ def head_compare(args: argparse.Namespace) -> dict:
                 acc = acceptance_eval(verifier_dir, d, prompts[w][: r.eval_prompts], r.eval_new_tokens, r.eval_draft_tokens,
                                       1 / cost["ratio"], None, ignore_eos)  # fmt: skip
                 acc.pop("reference")
-                out[name][w] = _summarise(acc, 1 / cost["ratio"])
+                out[name][w] = summarise_acceptance(acc, 1 / cost["ratio"])
     return out
 
 

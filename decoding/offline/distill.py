@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import random
 import shlex
 import shutil
@@ -52,7 +51,6 @@ from decoding.causal_lm import HEAD_VOCABULARY, ModelLoadError, check_model_dir,
 from decoding.offline.training import (
     SoftTargets,
     acceptance_eval,
-    asdict_targets,
     concat_targets,
     distill_kl,
     forward_cost,
@@ -517,7 +515,8 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
     return (1 - alpha ** (k + 1)) / ((1 - alpha) * (k * c + 1)) if alpha < 1 else (k + 1) / (k * c + 1)
 
 
-def _summarise(acc: dict, c: float) -> dict:
+def summarise_acceptance(acc: dict, c: float) -> dict:
+    """An :func:`acceptance_eval` result with α, tokens per round and the predicted speedup at cost ratio ``c``."""
     k = acc["k"]
     alpha = alpha_from_mean(acc["mean_accepted_per_round"], k)
     best_k = max(range(1, 9), key=lambda j: predicted_speedup(alpha, j, c))
@@ -675,7 +674,7 @@ def distill(
             for which, d in (("start", start_dir), ("distilled", tmp_out)):
                 acc = acceptance_eval(verifier_dir, d, prompts, recipe.eval_new_tokens, recipe.eval_draft_tokens, c, ref, ignore_eos)
                 ref = acc.pop("reference")
-                entry[which] = _summarise(acc, c if which == "distilled" else 1 / result.cost["start_ratio"])
+                entry[which] = summarise_acceptance(acc, c if which == "distilled" else 1 / result.cost["start_ratio"])
             if head_ids is not None:
                 toks = torch.tensor([x for r in ref for x in r], dtype=torch.long)
                 entry["head_coverage_of_verifier_output"] = torch.isin(toks, head_ids).float().mean().item() if len(toks) else None
