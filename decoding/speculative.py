@@ -417,8 +417,12 @@ class SpeculativeRouter:
                     # One stream from the verifier: each chunk of tokens it sends is this loop's "round".
                     t0 = time.perf_counter()
                     # Keep measuring acceptance with the drafter, on at most a tenth of the stream's time.
-                    if mode == "speculative" and shadow is None and budget > 1 and shadow_s <= 0.1 * (t0 - live_opened):
-                        shadow = ((await draft.propose(min(tracker.k, budget - 1))).tokens, [])
+                    shadow_k = min(tracker.k, budget - 1)
+                    shadow_cost = shadow_k * (self.stream_policy.draft_token_s or 0.0)
+                    if mode == "speculative" and shadow is None and shadow_k > 0 and (
+                        shadow_s + shadow_cost <= 0.1 * (t0 - live_opened)
+                    ):
+                        shadow = ((await draft.propose(shadow_k)).tokens, [])
                         shadow_s += time.perf_counter() - t0
                         t0 = time.perf_counter()
                     try:

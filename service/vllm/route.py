@@ -317,9 +317,19 @@ class TandemVerifyService:
             out = await self._run(prompt, k, top_k, salt, skip_cache=False, decide=decide)
             if (out.num_cached_tokens or 0) > n - 1:
                 out = await self._run(prompt, k, top_k, salt, skip_cache=True, decide=decide)
-        engine_s = time.perf_counter() - t0
+        envelope = {
+            "protocol": VERIFY_PROTOCOL_VERSION,
+            "server_id": self.server_id,
+            "session": session,
+            "context_len": n,
+            "num_prompt_tokens": n + k,
+            "num_cached_tokens": int(out.num_cached_tokens or 0),
+            "recomputed": recomputed,
+            "cache_salt": salt,
+            "engine_s": round(time.perf_counter() - t0, 6),
+        }
         if decide is not None:
-            return self._decided(out, session, n, k, draft, salt, recomputed, engine_s)
+            return {**envelope, **self._decided(out, k, draft)}
 
         top_ids: list[list[int]] = []
         top_lps: list[list[float]] = []
@@ -351,26 +361,11 @@ class TandemVerifyService:
         top_ids.append(ids)
         top_lps.append(lps)
         self.counters["rounds"] += 1
-        return {
-            "protocol": VERIFY_PROTOCOL_VERSION,
-            "server_id": self.server_id,
-            "session": session,
-            "context_len": n,
-            "num_prompt_tokens": n + k,
-            "num_cached_tokens": int(out.num_cached_tokens or 0),
-            "recomputed": recomputed,
-            "cache_salt": salt,
-            "top_ids": top_ids,
-            "top_logprobs": top_lps,
-            "draft_logprobs": draft_lps,
-            "draft_ranks": draft_ranks,
-            "engine_s": round(engine_s, 6),
-        }
+        return {**envelope, "top_ids": top_ids, "top_logprobs": top_lps, "draft_logprobs": draft_lps,
+                "draft_ranks": draft_ranks}  # fmt: skip
 
-
-    def _decided(self, out, session: str, n: int, k: int, draft: list[int], salt: str | None, recomputed: bool,
-                 engine_s: float) -> dict:  # fmt: skip
-        """The answer of a round the engine decided: the accepted tokens and one correction or bonus token."""
+    def _decided(self, out, k: int, draft: list[int]) -> dict:
+        """The engine's decision, validated: the accepted tokens and one correction or bonus token."""
         decision = (out.prompt_logprobs or [None])[0]
         if not isinstance(decision, Decision) or not decision.computed:
             raise VerifyFailure(500, "invalid_engine_output", "the engine did not decide the round")
@@ -384,20 +379,7 @@ class TandemVerifyService:
             raise VerifyFailure(500, "invalid_engine_output", "the engine's draft logprobs are invalid")
         self.counters["rounds"] += 1
         self.counters["decided_rounds"] += 1
-        return {
-            "protocol": VERIFY_PROTOCOL_VERSION,
-            "server_id": self.server_id,
-            "session": session,
-            "context_len": n,
-            "num_prompt_tokens": n + k,
-            "num_cached_tokens": int(out.num_cached_tokens or 0),
-            "recomputed": recomputed,
-            "cache_salt": salt,
-            "tokens": tokens,
-            "accepted": accepted,
-            "draft_logprobs": [float(f"{min(x, 0.0):.9g}") for x in lps],
-            "engine_s": round(engine_s, 6),
-        }
+        return {"tokens": tokens, "accepted": accepted, "draft_logprobs": [float(f"{min(x, 0.0):.9g}") for x in lps]}
 
 
 # -- FastAPI wiring ----------------------------------------------------------------

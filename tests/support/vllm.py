@@ -54,3 +54,22 @@ def vllm_server(vllm_pair, tmp_path_factory):
         pytest.fail(f"could not start vLLM: {exc}", pytrace=False)
     yield server
     server.stop()
+
+
+def vllm_completion(server, prompt: list[int], max_tokens: int, **extra) -> dict:
+    """vLLM's own completion of ``prompt`` (token ids) on ``server``, greedy unless ``extra`` says otherwise:
+    the response's first choice, with ``token_ids``."""
+    import httpx
+
+    model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    resp = httpx.post(server.url + "/v1/completions", timeout=120, json={
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "return_token_ids": True,
+        **extra,
+    })  # fmt: skip
+    resp.raise_for_status()
+    return resp.json()["choices"][0]
+
+
+def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
+    """vLLM's own greedy generation of exactly ``max_tokens`` tokens (EOS ignored)."""
+    return vllm_completion(server, prompt, max_tokens, ignore_eos=True)["token_ids"]

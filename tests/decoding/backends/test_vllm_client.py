@@ -33,6 +33,7 @@ from loadtests.procs import free_port
 from loadtests.vllm_pair import sample_text
 from service.backends import build_backends
 from service.config import TandemSettings
+from tests.support.vllm import vllm_greedy
 
 REPO = Path(__file__).resolve().parents[3]
 BLOCK = 32  # the test server's --block-size (tests/support/vllm.py, TEST_SERVER_ARGS)
@@ -91,17 +92,6 @@ def greedy_accept(draft: list[int], logits: torch.Tensor) -> list[int]:
     target = logits.argmax(-1).tolist()
     n = next((i for i, (d, t) in enumerate(zip(draft, target)) if d != t), len(draft))
     return draft[:n] + [target[n]]
-
-
-def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
-    """vLLM's own greedy generation on the same server."""
-    info = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
-    resp = httpx.post(server.url + "/v1/completions", timeout=120, json={
-        "model": info["id"], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-        "ignore_eos": True, "return_token_ids": True,
-    })
-    resp.raise_for_status()
-    return resp.json()["choices"][0]["token_ids"]
 
 
 # -- layering (no server needed) ---------------------------------------------------------------

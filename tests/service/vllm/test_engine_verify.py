@@ -28,6 +28,7 @@ from decoding.protocol import INFO_PATH, VERIFY_PATH
 from decoding.sampling import SamplingParams, logits_to_probs
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from tests.support.stats import chi2_pvalue
+from tests.support.vllm import vllm_completion
 
 MAX_TOKENS = 40
 
@@ -44,17 +45,6 @@ def verifier(vllm_server, tokenizer):
     asyncio.run(v.connect())
     assert v.decides, "the engine plugin did not load: /tandem/v1/info says server_decides false"
     return v
-
-
-def vllm_completion(server, prompt: list[int], max_tokens: int, **extra) -> dict:
-    """vLLM's own greedy completion on the same server."""
-    model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    resp = httpx.post(server.url + "/v1/completions", timeout=120, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "return_token_ids": True,
-        **extra,
-    })  # fmt: skip
-    resp.raise_for_status()
-    return resp.json()["choices"][0]
 
 
 class ScriptedDrafter:

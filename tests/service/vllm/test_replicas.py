@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
 
 from decoding.backends.vllm_client import VLLMVerifier
@@ -24,22 +23,14 @@ from loadtests.delay_proxy import DelayProxy
 from service.backends import build_backends
 from service.config import TandemSettings
 
+from tests.support.vllm import vllm_greedy
+
 MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="module")
 def tokenizer(vllm_pair):
     return load_tokenizer(vllm_pair[1])
-
-
-def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
-    model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    resp = httpx.post(server.url + "/v1/completions", timeout=120, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-        "return_token_ids": True,
-    })  # fmt: skip
-    resp.raise_for_status()
-    return resp.json()["choices"][0]["token_ids"]
 
 
 def test_a_lost_replica_is_replayed_on_another_with_the_same_greedy_tokens(vllm_server, tokenizer, vllm_pair):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import pytest
 
 from decoding.backends.vllm_client import VLLMVerifier
@@ -17,6 +16,8 @@ from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.stream_policy import StreamPolicy
 from loadtests.delay_proxy import DelayProxy
+
+from tests.support.vllm import vllm_greedy
 
 MAX_TOKENS = 48
 
@@ -31,16 +32,6 @@ def drafter(vllm_pair):
     d = HFDrafter(CausalLM(vllm_pair[1]), cost_ratio=0.2)
     yield d
     d.lm.close()
-
-
-def vllm_greedy(server, prompt: list[int], max_tokens: int) -> list[int]:
-    model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-    resp = httpx.post(server.url + "/v1/completions", timeout=120, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-        "return_token_ids": True,
-    })  # fmt: skip
-    resp.raise_for_status()
-    return resp.json()["choices"][0]["token_ids"]
 
 
 async def collect(router: SpeculativeRouter, prompt: list[int], params: SamplingParams, options=None):
