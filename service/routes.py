@@ -22,6 +22,7 @@ from service.gateway import Gateway
 from service.http import dumps
 from service.jobs import ABORT, ERROR, ClientGone, Job
 from service.logs import RequestRecord
+from service.middleware import prepared
 from service.metrics import CONTENT_TYPE
 from service.openai_api import ChatCompletionRequest, CompletionRequest
 from service.openai_responses import (
@@ -87,6 +88,7 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
     if gw.backends is None:
         raise _not_ready()
     plan = await plan_request(body, gw.settings, gw.backends, record)
+    prepared(request.scope)  # the next request may be read and planned while this one waits for a slot
     job = Job(gw, plan, request.receive, record)
     reply = ResponseBuilder.for_request(chat, gw.settings.model_name, gw.fingerprint)
     handed_off = False
