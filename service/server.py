@@ -184,7 +184,10 @@ def serve(settings: TandemSettings) -> int:
     # millions of start-up objects (it took up to 1.5 s of event-loop time, /health included, on the test box).
     gc.collect()
     gc.freeze()
-    server.run()
+    try:
+        server.run()
+    finally:
+        gc.unfreeze()  # collectable again at exit (native bindings report frozen objects as leaks)
     if not server.started:
         return 1
     log.info("stopped")
