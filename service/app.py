@@ -26,6 +26,7 @@ from service.config import TandemSettings
 from service.errors import install_exception_handlers
 from service.gateway import Gateway
 from service.middleware import GatewayMiddleware
+from service.plan import log_prompt_bound
 from service.routes import router
 
 log = logging.getLogger("tandem.gateway")
@@ -43,6 +44,7 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if gw.backends is None:
             gw.backends = await asyncio.to_thread(build_backends, settings)
+        await asyncio.to_thread(log_prompt_bound, gw.backends, settings)  # reads the vocabulary once, off the loop
         if gw.backends.split_router is not None:
             split_verifier = gw.backends.split_router.verifier
             gw.metrics.split_sessions.set_function(lambda: split_verifier.open_sessions)

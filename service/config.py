@@ -233,6 +233,24 @@ class GatewaySettings(SettingsGroup):
         None, ge=1, description="max_tokens of a request that sets none. Default: OpenAI's, 16 for completions and "
         "up to the context end for chat; never beyond the context."
     )
+    max_request_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest request body; larger: 413. Parsing a body can take up to ~50x its "
+        "size in memory (docs/gateway.md, Memory)."
+    )
+    max_preparing: int = Field(
+        2, ge=1, description="Generation requests read, parsed, templated and tokenized at once (before admission); "
+        "the others wait, without their bodies read."
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body must arrive whole within this of the request's start; else 408."
+    )
+    max_messages: int = Field(
+        2048, ge=1, description="Chat: messages plus content parts of a request, at most; more: 400."
+    )
+    max_content_bytes: int | None = Field(
+        None, ge=1, description="Chat: total UTF-8 bytes of the messages' content, at most; more: 400. Default: what "
+        "the context can hold (max_context x the longest token of the vocabulary, in bytes)."
+    )
     max_connections: int = Field(
         1024, ge=1, description="Open connections at most; past it, the connection that waited longest for a "
         "request is closed (or the new one, when all have a request in flight). Needs max_connections + 128 file "

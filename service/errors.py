@@ -14,7 +14,8 @@ status type                         when
                                     never sent
 401    invalid_request_error        missing/wrong API key (code ``invalid_api_key``)
 404    invalid_request_error        unknown model (code ``model_not_found``) or route
-413    invalid_request_error        request body over 32 MiB (code ``request_too_large``)
+408    invalid_request_error        the body did not arrive within ``body_timeout_s`` (``body_timeout``)
+413    invalid_request_error        request body over ``max_request_bytes`` (code ``request_too_large``)
 429    rate_limit_error             queue full (code ``queue_full``), with Retry-After
 503    service_unavailable_error    verifier unavailable / shutting down, Retry-After
 504    timeout_error                the request ran past ``request_timeout_s``
@@ -173,6 +174,8 @@ def install_exception_handlers(app: FastAPI) -> None:
             err = APIError(404, f"no route {request.method} {request.url.path}", code="not_found", reason="not_found")
         elif exc.status_code == 413:
             err = APIError(413, "the request body is too large", code="request_too_large", reason="invalid")
+        elif exc.status_code == 408:
+            err = APIError(408, str(exc.detail), code="body_timeout", reason="timeout")
         elif exc.status_code == 405:
             err = APIError(405, f"method {request.method} is not allowed on {request.url.path}", code="method_not_allowed")
         else:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +28,12 @@ if TYPE_CHECKING:
     from service.config import TandemSettings
     from service.logs import RequestRecord
 
-#: Prompts longer than this (characters) are tokenized on a worker thread.
+log = logging.getLogger("tandem.gateway")
+
+#: Prompts longer than this (characters) are tokenized on a worker thread; chat is always templated on one.
 _TOKENIZE_INLINE_CHARS = 8192
+#: Unknown fields (ignored, as vLLM does) of a request, serialised, at most: OpenAI's own ``metadata`` is ~10 KiB.
+MAX_UNKNOWN_FIELD_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -80,16 +87,24 @@ async def plan_request(
         record.mode = mode
 
     n = body.n or 1
+    max_context = router.verifier.max_context
+    limit = settings.max_prompt_tokens
+    bound = PromptBound.of(backends.tokenizer, min(limit or max_context, max_context))
+    check_unknown_fields(body)
     prompts: list[list[int]] = []
     logged: Any
     if isinstance(body, ChatCompletionRequest):
-        text, special = render_chat(backends.tokenizer, body)
-        prompts.append(await _encode(backends.tokenizer, text, special))
+        check_chat_size(body, settings, bound)
+        # Templating and tokenization are CPU work that grows with the request: never on the event loop.
+        text, ids = await asyncio.to_thread(_prepare_chat, body, backends.tokenizer, bound)
+        prompts.append(ids)
         logged = text
     else:
         raw = body.prompts()
         if len(raw) * n > MAX_CHOICES:  # before tokenizing them all
             raise bad_request(f"{len(raw)} prompts x n={n} exceeds {MAX_CHOICES} choices per request", "n")
+        for p in raw:  # every prompt checked before any is tokenized
+            bound.check(p)
         for p in raw:
             prompts.append(await _encode(backends.tokenizer, p) if isinstance(p, str) else p)
         logged = raw
@@ -99,8 +114,6 @@ async def plan_request(
     spec = body.grammar_spec(any_whitespace=not settings.structured_outputs_disable_any_whitespace)
     grammar = await router.compile_grammar(spec) if spec is not None else None
     requested = body.requested_max_tokens()
-    limit = settings.max_prompt_tokens
-    max_context = router.verifier.max_context
     choices: list[ChoiceSpec] = []
     for ids in prompts:
         if limit is not None and len(ids) > limit:
@@ -188,6 +201,115 @@ def route(settings: Any, requested_mode: str | None, *, has_drafter: bool = True
             return False, "drafter-only"
         return True, requested_mode if has_drafter or requested_mode == "verifier-only" else "verifier-only"
     return False, requested_mode or settings.mode
+
+
+@dataclass(frozen=True)
+class PromptBound:
+    """The longest prompt that can fit, known before tokenizing it: ``max_tokens`` tokens of a lossless tokenizer
+    (decoding gives the text back: every causal LM's) cover at most ``max_tokens * longest_token_bytes`` bytes of
+    text, where ``longest_token_bytes`` is the longest vocabulary entry, in UTF-8 bytes of its token string (an
+    upper bound on the text bytes it stands for: byte-level BPE, SentencePiece ``▁`` and ``<0x..>`` included).
+    A longer text is refused without being tokenized: tokenizing costs ~200 bytes of memory per text byte, so
+    tokenizing first what cannot fit is how one 30 MiB prompt took 8 GiB. ``max_text_bytes`` is None for a lossy
+    tokenizer (none is known): then only the body size bounds it."""
+
+    max_tokens: int
+    longest_token_bytes: int
+    max_text_bytes: int | None
+
+    @classmethod
+    def of(cls, tokenizer: Any, max_tokens: int) -> PromptBound:
+        longest, lossless = _vocabulary_bound(tokenizer)
+        return cls(max_tokens, longest, max_tokens * longest if lossless else None)
+
+    def check(self, prompt: str | list[int], param: str = "prompt") -> None:
+        if isinstance(prompt, list):
+            if len(prompt) > self.max_tokens:
+                raise _too_long(f"prompt is {len(prompt)} tokens; at most {self.max_tokens} fit", param)
+            return
+        self.check_bytes(len(prompt.encode("utf-8", "surrogatepass")), "prompt", param)
+
+    def check_bytes(self, size: int, what: str, param: str) -> None:
+        if self.max_text_bytes is not None and size > self.max_text_bytes:
+            raise _too_long(
+                f"{what} is {size} bytes of text: more than {self.max_tokens} tokens can hold (at most "
+                f"{self.max_text_bytes} bytes, {self.longest_token_bytes} per token), so it cannot fit", param,
+            )  # fmt: skip
+
+
+def _too_long(message: str, param: str) -> APIError:
+    return APIError(400, message, param=param, code="context_length_exceeded", reason="context_length")
+
+
+@functools.lru_cache(maxsize=8)
+def _vocabulary_bound(tokenizer: Any) -> tuple[int, bool]:
+    """(the longest vocabulary token in UTF-8 bytes, whether the tokenizer gives a probe text back)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    longest = max((len(t.encode("utf-8", "surrogatepass")) for t in tokens if isinstance(t, str)), default=1)
+    probe = "Hello,  world!\n\tdef f(x):\n    return x * 2  # caf\u00e9 \u4e2d\u6587 \u00a0~"
+    try:
+        lossless = tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False)).strip() == probe.strip()
+    except Exception:  # noqa: BLE001 - any failure means: do not rely on it
+        lossless = False
+    if not lossless:
+        log.warning("the tokenizer does not give text back: prompts are not bounded by bytes before tokenization")
+    return max(1, longest), lossless
+
+
+def log_prompt_bound(backends: Backends, settings: TandemSettings) -> None:
+    """At start: compute the vocabulary bound (once per tokenizer) and say what it allows."""
+    max_context = backends.router.verifier.max_context
+    bound = PromptBound.of(backends.tokenizer, min(settings.max_prompt_tokens or max_context, max_context))
+    log.info(
+        "requests: body <= %d bytes, %d prepared at once; prompt text <= %s bytes (%d tokens x %d bytes, the longest "
+        "token); chat <= %d messages and parts", settings.max_request_bytes, settings.max_preparing,
+        bound.max_text_bytes if bound.max_text_bytes is not None else "unbounded", bound.max_tokens,
+        bound.longest_token_bytes, settings.max_messages,
+    )  # fmt: skip
+
+
+def check_unknown_fields(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Unknown fields are ignored, but kept in the parsed request while it waits and runs: bound their size."""
+    extras = [body.model_extra or {}]
+    if isinstance(body, ChatCompletionRequest):
+        for m in body.messages:
+            extras.append(m.model_extra or {})
+            if isinstance(m.content, list):
+                extras.extend(part.model_extra or {} for part in m.content)
+    size = sum(len(json.dumps(e, default=str)) for e in extras if e)
+    if size > MAX_UNKNOWN_FIELD_BYTES:
+        raise bad_request(
+            f"the request's unknown fields (ignored) take {size} bytes; at most {MAX_UNKNOWN_FIELD_BYTES} are accepted"
+        )
+
+
+def check_chat_size(body: ChatCompletionRequest, settings: TandemSettings, bound: PromptBound) -> None:
+    """Message count and content size, before the messages are templated."""
+    items = len(body.messages) + sum(len(m.content) for m in body.messages if isinstance(m.content, list))
+    if items > settings.max_messages:
+        raise bad_request(
+            f"the request has {items} messages and content parts; this server accepts at most {settings.max_messages}",
+            "messages",
+        )
+    size = 0
+    for m in body.messages:
+        if isinstance(m.content, str):
+            size += len(m.content.encode("utf-8", "surrogatepass"))
+        elif m.content is not None:
+            size += sum(len(part.text.encode("utf-8", "surrogatepass")) for part in m.content if part.text)
+    if settings.max_content_bytes is not None and size > settings.max_content_bytes:
+        raise bad_request(
+            f"the messages' content is {size} bytes; this server accepts at most {settings.max_content_bytes}",
+            "messages",
+        )
+    bound.check_bytes(size, "the messages' content", "messages")
+
+
+def _prepare_chat(body: ChatCompletionRequest, tokenizer: Any, bound: PromptBound) -> tuple[str, list[int]]:
+    """On a worker thread: the conversation templated, checked against the bound, tokenized."""
+    text, special = render_chat(tokenizer, body)
+    bound.check_bytes(len(text.encode("utf-8", "surrogatepass")), "the templated conversation", "messages")
+    return text, tokenizer.encode(text, add_special_tokens=special)
 
 
 async def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -23,6 +23,7 @@ from service.gateway import Gateway
 from service.http import dumps
 from service.jobs import ABORT, ERROR, ClientGone, Job
 from service.logs import RequestRecord
+from service.middleware import prepared
 from service.metrics import CONTENT_TYPE
 from service.openai_api import (
     ChatCompletionRequest,
@@ -102,6 +103,7 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
         raise _not_ready()
     plan = await plan_request(body, gw.settings, gw.backends, record)
     echo = _echo_prefixes(body, plan, gw.backends.tokenizer)
+    prepared(request.scope)  # the next request may be read and planned while this one waits for a slot
     job = Job(gw, plan, request.receive, record)
     role = body.response_role if isinstance(body, ChatCompletionRequest) else "assistant"
     formatter = None

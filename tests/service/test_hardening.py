@@ -164,6 +164,7 @@ def guarded(tiny_pair, tmp_path_factory):
     s = start_server(
         root / "serve.log", *model_args(*tiny_pair), "--max-connections", str(MAX_CONNECTIONS),
         "--header-timeout-s", str(HEADER_TIMEOUT_S), "--keep-alive-s", "5", "--max-header-bytes", str(MAX_HEADER_BYTES),
+        "--body-timeout-s", "2",
     )  # fmt: skip
     yield s
     assert s.stop() == 0, s.log_tail()
@@ -344,3 +345,157 @@ def test_after_sigterm_idle_keep_alive_connections_are_closed_cleanly(tiny_pair,
     t.join(30)
     assert busy["text"].rstrip().endswith("data: [DONE]")  # the request in flight finished
     assert g.proc.wait(30) == 0
+
+
+# -- memory: a bound per request, enforced before the work ---------------------------------------------------------
+
+
+BOUNDED = {"max_request_bytes": 1 << 20, "max_preparing": 2, "max_queue": 4, "max_concurrency": 2, "max_messages": 256}
+CONTEXT = 2048  # the tiny pair's
+
+
+@pytest.fixture(scope="module")
+def bounded(tiny_pair, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bounded")
+    flags = [arg for name, value in BOUNDED.items() for arg in ("--" + name.replace("_", "-"), str(value))]
+    s = start_server(root / "serve.log", *model_args(*tiny_pair), *flags)
+    yield s
+    assert s.stop() == 0, s.log_tail()
+
+
+def process_memory(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def text_bound(server) -> int:
+    """T as the server computed it (its start-up log line)."""
+    line = next(line for line in server.log().splitlines() if "prompt text <=" in line)
+    return int(line.split("prompt text <= ")[1].split()[0])
+
+
+def maximal_requests(text_bytes: int) -> list[tuple[str, str, bytes]]:
+    """(name, route, body): each as large as the limits let through to parsing (1 MiB, the JSON value bound), in
+    the shapes that cost the most memory per byte, and the largest prompts that get tokenized."""
+    from service.config import TandemSettings
+    from service.memory import max_json_values
+
+    values = max_json_values(TandemSettings.load(**BOUNDED), CONTEXT) - 8
+    B = BOUNDED["max_request_bytes"]
+    return [
+        ("messages", "/v1/chat/completions",
+         b'{"model":"tandem","messages":[' + b'{"role":"user"},' * (values // 2) + b'{"role":"user"}]}'),
+        ("parts", "/v1/chat/completions", b'{"model":"tandem","messages":[{"role":"user","content":['
+         + b'{"type":"text","text":"a"},' * (values // 3) + b'{"type":"text","text":"a"}]}]}'),
+        ("id-lists", "/v1/completions", b'{"model":"tandem","prompt":[' + b"[1]," * (values // 2) + b"[1]]}"),
+        ("unknown-fields", "/v1/completions",
+         b'{"model":"tandem","prompt":"x","metadata":[' + b'{"a":{}},' * (values // 2) + b"{}]}"),
+        ("text-1MiB", "/v1/completions", b'{"model":"tandem","prompt":"' + b"ab " * ((B - 64) // 3) + b'"}'),
+        ("prompt-at-T", "/v1/completions", json.dumps({"model": "tandem", "prompt": ("x = 1\n" * text_bytes)[:text_bytes]}).encode()),
+        ("chat-at-T", "/v1/chat/completions", json.dumps({"model": "tandem", "messages": [
+            {"role": "user", "content": ("def f(): pass\n" * text_bytes)[: text_bytes // 200]}] * 199}).encode()),
+        ("valid-longest", "/v1/completions",
+         json.dumps({"model": "tandem", "prompt": [7] * (CONTEXT - 8), "max_tokens": 8, "ignore_eos": True}).encode()),
+    ]
+
+
+def test_concurrent_maximal_requests_stay_under_the_stated_memory_bound(bounded):
+    from service.config import TandemSettings
+    from service.memory import worst_case
+
+    requests = maximal_requests(text_bound(bounded))
+    assert all(len(body) <= BOUNDED["max_request_bytes"] for _, _, body in requests)
+    pid = bounded.proc.pid
+
+    def reset_peak() -> None:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:  # VmHWM := VmRSS: the peak from here on
+            f.write("5")
+
+    ready = process_memory(pid, "VmRSS")  # ready and idle: no request has been parsed yet
+    # G, a slot's generation state, depends on the model: measured, as the formula says, with one longest request.
+    reset_peak()
+    _, route, body = requests[-1]
+    assert httpx.post(bounded.base_url + route, content=body, timeout=120).status_code == 200
+    generation = process_memory(pid, "VmHWM") - ready
+    reset_peak()
+
+    n = 4 * len(requests)  # 32 at once: four times what may hold a parsed body (P + Q + S = 8)
+    statuses: list[int] = []
+    health: list[float] = []
+    done = threading.Event()
+
+    def send(i: int) -> None:
+        _, route, body = requests[i % len(requests)]
+        with httpx.Client(base_url=bounded.base_url, timeout=120) as c:
+            statuses.append(c.post(route, content=body, headers={"content-type": "application/json"}).status_code)
+
+    def probe() -> None:
+        with httpx.Client(base_url=bounded.base_url, timeout=30) as c:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                assert c.get("/health").status_code == 200
+                health.append(time.perf_counter() - t0)
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    senders = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    t0 = time.monotonic()
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(120)
+    elapsed = time.monotonic() - t0
+    done.set()
+    prober.join(30)
+
+    peak = process_memory(pid, "VmHWM") - ready
+    bound = worst_case(TandemSettings.load(**BOUNDED), max_context=CONTEXT, max_text_bytes=text_bound(bounded),
+                       generation_bytes=generation, connections=n + 2)  # fmt: skip
+    print(f"\nG measured {generation / 2**20:.1f} MiB; {n} maximal requests in {elapsed:.1f}s: peak RSS +{peak / 2**20:.1f} MiB above ready "
+          f"({ready / 2**20:.0f} MiB); bound {bound.total / 2**20:.1f} MiB {bound}; statuses "
+          f"{sorted(set(statuses))}; /health p50 {sorted(health)[len(health) // 2] * 1000:.0f} ms, "
+          f"max {max(health) * 1000:.0f} ms over {len(health)}")  # fmt: skip
+    assert len(statuses) == n and all(s in (200, 400, 429) for s in statuses), statuses  # every one answered, no 5xx
+    assert 400 in statuses and 429 in statuses  # refused before the work; past P + Q waiting, 429 with bodies unread
+    assert peak <= bound.total, f"peak +{peak} B above ready exceeds the bound {bound.total} B ({bound})"
+    assert bounded.alive and health_latency(bounded) < 1.0
+    assert httpx.post(bounded.base_url + route, content=body, timeout=120).status_code == 200  # and still serves
+    assert sorted(health)[len(health) // 2] < 0.25  # the event loop stayed free: parsing is bounded, the rest threaded
+
+
+def test_each_limit_refuses_before_the_work(bounded):
+    T = text_bound(bounded)
+
+    def post(route: str, body: bytes, **kw) -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        r = httpx.post(bounded.base_url + route, content=body, headers={"content-type": "application/json"}, timeout=60, **kw)
+        return (r.status_code, r.json()["error"]), time.perf_counter() - t0
+
+    # As probed: a 30 MiB prompt (then 191 s and 8.2 GiB) and a chat of 300k messages (then /health 5.6 s).
+    (status, err), took = post("/v1/completions", b'{"model":"tandem","prompt":"' + b"a" * (30 << 20) + b'"}')
+    assert status == 413 and err["code"] == "request_too_large" and took < 5
+    messages = json.dumps({"model": "tandem", "messages": [{"role": "user", "content": "hi"}] * 300_000}).encode()
+    assert post("/v1/chat/completions", messages)[0][0] == 413
+    # A prompt one byte past what the context can hold: refused untokenized.
+    (status, err), took = post("/v1/completions", json.dumps({"model": "tandem", "prompt": "a" * (T + 1)}).encode())
+    assert (status, err["code"], err["param"]) == (400, "context_length_exceeded", "prompt") and took < 2, err
+    assert f"at most {T} bytes" in err["message"]
+    chat = {"model": "tandem", "messages": [{"role": "user", "content": "é" * (T // 2 + 1)}]}
+    (status, err), _ = post("/v1/chat/completions", json.dumps(chat, ensure_ascii=False).encode())
+    assert (status, err["code"], err["param"]) == (400, "context_length_exceeded", "messages"), err
+    # Message count, JSON values, unknown fields.
+    chat = {"model": "tandem", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 300}]}
+    (status, err), _ = post("/v1/chat/completions", json.dumps(chat).encode())
+    assert (status, err["param"]) == (400, "messages") and "at most 256" in err["message"], err
+    (status, err), _ = post("/v1/completions", b'{"model":"tandem","prompt":[' + b"1," * 20000 + b"1]}")
+    assert status == 400 and "JSON values" in err["message"], err
+    (status, err), _ = post("/v1/completions", json.dumps({"model": "tandem", "prompt": "x", "metadata": "m" * 70000}).encode())
+    assert status == 400 and "unknown fields" in err["message"], err
+
+
+def test_a_body_that_does_not_arrive_is_408(guarded):
+    sock = raw_connection(guarded, b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
+    t0 = time.monotonic()
+    assert_error_response(read_all(sock), 408, "body_timeout")
+    assert 1.5 < time.monotonic() - t0 < 6
