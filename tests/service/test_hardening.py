@@ -490,7 +490,7 @@ def test_each_limit_refuses_before_the_work(bounded):
     assert (status, err["param"]) == (400, "messages") and "at most 256" in err["message"], err
     (status, err), _ = post("/v1/completions", b'{"model":"tandem","prompt":[' + b"1," * 20000 + b"1]}")
     assert status == 400 and "JSON values" in err["message"], err
-    (status, err), _ = post("/v1/completions", json.dumps({"model": "tandem", "prompt": "x", "metadata": "m" * 70000}).encode())
+    (status, err), _ = post("/v1/completions", json.dumps({"model": "tandem", "prompt": "x", "x_not_a_field": "m" * 70000}).encode())
     assert status == 400 and "unknown fields" in err["message"], err
 
 
