@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench_vllm import VLLMServer, vllm_python
+from loadtests.vllm_server import VLLMServer, vllm_python
 from tests.conftest import TEST_SERVER_ARGS
 from tests.realmodels.conftest import CODE, hf_greedy
 
