@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.vllm_server import VLLMServer, vllm_python
-from tests.conftest import TEST_SERVER_ARGS
+from tests.support.vllm import TEST_SERVER_ARGS
 from tests.realmodels.conftest import CODE, hf_greedy
 
 
