@@ -70,7 +70,7 @@ def launcher_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tandem-max-sessions", type=int, default=StoreLimits.max_sessions, metavar="N",
-        help="sessions whose context the route keeps, LRU (default: %(default)s)",
+        help="sessions the route holds at once; a new one beyond gets 503 + Retry-After (default: %(default)s)",
     )  # fmt: skip
     p.add_argument(
         "--tandem-session-ttl-s", type=float, default=StoreLimits.ttl_s, metavar="S",

@@ -71,7 +71,7 @@ from decoding.protocol import (
 from service.http import APIKeys, dumps, json_error
 from service.vllm.engine_verify import DecideSpec, Decision
 from service.vllm.logprobs_trim import EXTRA_ARGS_ROWS_KEY, install_prompt_logprobs_trim
-from service.vllm.sessions import ContextStore, StoreLimits, UnknownSessionError
+from service.vllm.sessions import ContextStore, StoreFullError, StoreLimits, UnknownSessionError
 
 logger = logging.getLogger("tandem.vllm_route")
 
@@ -140,7 +140,8 @@ class TandemVerifyService:
         self.tokenizer_vocab_size = len(vocab) if vocab is not None else None
         self.vocab_sha256 = vocab_fingerprint(vocab) if vocab is not None else None
         self.fast_path = install_prompt_logprobs_trim()
-        self.counters = {"rounds": 0, "decided_rounds": 0, "recomputed_rounds": 0, "unknown_session": 0}
+        self.counters = {"rounds": 0, "decided_rounds": 0, "recomputed_rounds": 0, "unknown_session": 0,
+                         "refused_full": 0}  # fmt: skip
         self._tokenizer_files: TokenizerResponse | None = None
         #: Whether the engine decides rounds (service.vllm.engine_verify loaded in the engine process);
         #: None until probed with a one-token round.
@@ -288,6 +289,9 @@ class TandemVerifyService:
                                 "(its engine plugin is not loaded); send top_k without sampling")  # fmt: skip
         try:
             ctx = self.sessions.resolve(session, base, append)
+        except StoreFullError as exc:
+            self.counters["refused_full"] += 1
+            raise VerifyFailure(503, "verifier_full", f"the verifier is full ({exc}); retry later") from None
         except UnknownSessionError:
             self.counters["unknown_session"] += 1
             raise VerifyFailure(

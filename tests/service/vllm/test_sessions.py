@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from service.vllm.sessions import ContextStore, StoreLimits, UnknownSessionError
+from service.vllm.sessions import ContextStore, StoreFullError, StoreLimits, UnknownSessionError
 
 
 def test_resolve_keeps_base_then_appends_and_is_idempotent():
@@ -23,18 +23,21 @@ def test_resolve_keeps_base_then_appends_and_is_idempotent():
     assert store.drop("a") and not store.drop("a") and len(store) == 0
 
 
-def test_least_recently_used_and_idle_sessions_are_forgotten():
-    store = ContextStore(StoreLimits(max_sessions=2, ttl_s=0.2))
+def test_a_full_store_refuses_new_sessions_and_idle_ones_expire():
+    store = ContextStore(StoreLimits(max_sessions=2, ttl_s=0.3))
     store.resolve("a", 0, [1])
     store.resolve("b", 0, [2])
-    store.resolve("a", 1, [3])  # a is now the most recent
-    store.resolve("c", 0, [4])
-    assert len(store) == 2
-    with pytest.raises(UnknownSessionError):
-        store.resolve("b", 1, [])
-    time.sleep(0.3)
+    with pytest.raises(StoreFullError, match="2 live sessions"):
+        store.resolve("c", 0, [4])  # refused (a 503 at the route), not a live session evicted
+    assert store.resolve("a", 1, [3]).tolist() == [1, 3]  # the live ones go on
+    assert store.resolve("b", 0, [5]).tolist() == [5]  # a resend of a known session is not a new one
+    store.drop("b")
+    store.resolve("c", 0, [4])  # a slot freed
+    time.sleep(0.4)
     store.resolve("d", 0, [5])  # a and c expired meanwhile
     assert len(store) == 1
+    with pytest.raises(UnknownSessionError):
+        store.resolve("a", 2, [])
 
 
 def test_limits_reject_values_that_would_drop_every_session():
