@@ -26,8 +26,9 @@ BYTES_PER_JSON_VALUE = 500
 BODY_COPIES = 4
 #: Peak bytes per text byte while a fast tokenizer encodes (measured 183-235 on byte-level BPE vocabularies).
 TOKENIZER_BYTES_PER_TEXT_BYTE = 250
-#: Per open connection: one 256 KiB socket read (asyncio's), uvicorn's 64 KiB body buffer, a 16 KiB head, objects.
-CONNECTION_BYTES = 336 << 10
+#: Per open connection: one 256 KiB socket read (asyncio's), uvicorn's 64 KiB body buffer, a small body (<= 64 KiB)
+#: read before the preparation gate, a 16 KiB head.
+CONNECTION_BYTES = 400 << 10
 
 
 def max_json_values(settings: Any, max_context: int) -> int:

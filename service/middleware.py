@@ -32,10 +32,10 @@ _ROUTE_PATHS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healt
 
 
 class PreparationGate:
-    """At most ``slots`` generation requests between their head and their plan: body read, JSON parsed, validated,
-    templated and tokenized (:func:`service.plan.plan_request`), the part of a request whose memory grows with its
-    body. The others wait here with their bodies unread (uvicorn stops reading a connection past 64 KiB), so
-    N requests at once cost ``slots`` parsed bodies, not N.
+    """At most ``slots`` generation requests between their body and their plan: a large body read, the JSON parsed,
+    validated, templated and tokenized (:func:`service.plan.plan_request`), the part of a request whose memory grows
+    with its body. The others wait here with their large bodies unread (uvicorn stops reading a connection past
+    64 KiB), so N requests at once cost ``slots`` parsed bodies, not N.
 
     A request leaves the gate when its plan is made (:func:`prepared`, called by the route) or when it ends.
     Waiting counts toward the request's timeout; when ``max_waiting`` already wait, or the admission queue is
@@ -124,8 +124,8 @@ class GatewayMiddleware:
         settings = gw.settings
         head_bytes = _head_bytes(scope)
         too_large = False
-        content_length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
-        if content_length is not None and content_length.isdigit() and int(content_length) > settings.max_request_bytes:
+        content_length = _content_length(scope)
+        if content_length is not None and content_length > settings.max_request_bytes:
             too_large = True
         else:
             receive = _limit_body(receive, settings.max_request_bytes, settings.body_timeout_s)
@@ -173,10 +173,17 @@ class GatewayMiddleware:
 
 
     async def _call_prepared(self, scope: Scope, receive: Receive, send: Send, record: RequestRecord) -> None:
-        """A generation request: through the gate, its body read whole and its JSON structure counted before the
-        app parses it (the app then reads the body from memory)."""
-        refusal = await self.gate.enter(self.gw, scope, record)
+        """A generation request: its body read whole, through the gate, its JSON structure counted before the app
+        parses it (the app then reads the body from memory).
+
+        A small body (Content-Length within uvicorn's 64 KiB buffer, memory every connection may hold anyway) is
+        read before the gate, so a client sending it slowly holds its own connection only, never a slot; a larger
+        or chunked one is read inside the gate, which is what bounds how many of those are in memory."""
+        small = _content_length(scope) is not None and _content_length(scope) <= SMALL_BODY_BYTES
+        refusal: APIError | None = None
         body = b""
+        if not small:
+            refusal = await self.gate.enter(self.gw, scope, record)
         if refusal is None:
             try:
                 body = await _read_body(receive)
@@ -186,6 +193,8 @@ class GatewayMiddleware:
             except ClientDisconnect:
                 record.status, record.aborted = 499, "disconnect"
                 return
+        if refusal is None and small:
+            refusal = await self.gate.enter(self.gw, scope, record)
         if refusal is None and self.gw.backends is not None:
             limit = max_json_values(self.gw.settings, self.gw.backends.verifier.max_context)
             values = await json_values(body, limit)
@@ -248,6 +257,15 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+#: A body this small is read before the preparation gate (uvicorn buffers 64 KiB of a connection regardless).
+SMALL_BODY_BYTES = 64 << 10
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+    return int(value) if value is not None and value.isdigit() else None
 
 
 def _head_bytes(scope: Scope) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 
 import httpx
@@ -269,6 +271,14 @@ def test_every_header_field_is_validated_and_every_error_is_the_json_envelope(ed
     # Routes and methods the worker does not have.
     assert_envelope(httpx.get(f"{worker.url}/v1/split/nope", headers=worker.headers()), 404, "not_found", "/v1/split/nope")
     assert_envelope(httpx.get(f"{worker.url}/v1/split/step", headers=worker.headers()), 405, "method_not_allowed", "GET")
+    # HTTP that h11 refuses (here a non-numeric Content-Length) never reaches the app: the envelope all the same.
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/split/step HTTP/1.1\r\nHost: w\r\nContent-Length: abc\r\n\r\n")
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and json.loads(body)["error"]["code"] == "invalid_http_request"
     assert httpx.get(f"{worker.url}/health").json()["status"] == "ok" and worker.alive
 
 
