@@ -162,9 +162,10 @@ def step_kernel_bench(args) -> dict:
 
 
 def default_models(args) -> tuple[str, str]:
-    from decoding.default_models import default_pair
+    """The default pair on a GPU; the small demo pair for a dry run (it tests the script, not the model)."""
+    from decoding.default_models import default_pair, demo_pair
 
-    verifier, drafter = default_pair()
+    verifier, drafter = demo_pair() if args.dry_run else default_pair()
     return args.verifier or str(verifier), args.drafter or str(drafter)
 
 
