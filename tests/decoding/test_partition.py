@@ -92,7 +92,8 @@ def test_wire_rejects_malformed_frames():
         "magic": b"XXXX" + good[4:],
         "truncated": good[:12],
         "payload is": good[:-2],
-        "not valid JSON": good[:10] + b"{" * (len(good) - 10),
+        "not valid JSON": good[:10] + b"}" * (len(good) - 10),
+        "nests deeper": good[:10] + b"{" * (len(good) - 10),
     }
     for match, frame in cases.items():
         with pytest.raises(wire.WireError, match=match):
