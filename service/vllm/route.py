@@ -394,7 +394,8 @@ def _api_keys(state) -> APIKeys:
     keys = getattr(state, "tandem_api_keys", None)
     if keys is None:
         args = getattr(state, "args", None)
-        keys = APIKeys(getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY") or ""])
+        given = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+        keys = APIKeys([k for k in given if k])  # vLLM treats an unset or empty key as "no auth"
         state.tandem_api_keys = keys
     return keys
 
