@@ -56,7 +56,7 @@ class ScriptedDrafter:
         self.vocab_size = vocab_size
         self.propose = propose
 
-    def start(self, prompt_ids, params, generator):
+    def start(self, prompt_ids, params, generator, processing=None):
         return _ScriptedSession(list(prompt_ids), self.propose, generator)
 
     async def aclose(self) -> None:
