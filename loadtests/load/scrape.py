@@ -61,5 +61,7 @@ def spec_delta(before: dict[str, Any] | None, after: dict[str, Any] | None) -> d
         }
     if "tandem_generation_tokens" in after:
         gb = before.get("tandem_generation_tokens", {})
-        res["tandem_generation_tokens"] = {m: v - gb.get(m, 0.0) for m, v in after["tandem_generation_tokens"].items()}
+        # Every mode is exported from zero; the report names only the modes this run used.
+        deltas = {m: v - gb.get(m, 0.0) for m, v in after["tandem_generation_tokens"].items()}
+        res["tandem_generation_tokens"] = {m: d for m, d in deltas.items() if d}
     return res

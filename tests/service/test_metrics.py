@@ -17,7 +17,7 @@ NOEOS = {"ignore_eos": True}
 TTFT_EDGES = [.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560]
 ITL_EDGES = [.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80]
 E2E_EDGES = [.3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
-ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "backend", "direction", "le"}
+ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "backend", "direction", "to", "le"}
 
 
 def test_metric_families_buckets_and_bounded_labels(server):
