@@ -139,6 +139,15 @@ class CausalLM:
         """Run ``fn(*args)`` on this model's worker thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [n, V'] of the model's head as [n, V]: with a reduced head (see :func:`restrict_head`),
+        the tokens it has no row for get -inf, so they are impossible."""
+        if self.head_token_ids is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+        full[:, self.head_token_ids] = logits
+        return full
+
     def sequence(self, prompt_ids: Sequence[int]) -> CachedSequence:
         return CachedSequence(self, prompt_ids)
 
@@ -230,12 +239,12 @@ class CachedSequence(RollbackContext):
         out = self.lm.model(input_ids=input_ids, cache=self.cache, use_cache=True, logits_to_keep=keep)
         self.fed(tokens)
         self.forward_passes += 1
-        logits = out.logits[0].float()
-        if self.lm.head_token_ids is not None:  # a reduced head: the tokens it has no row for are impossible
-            full = logits.new_full((logits.shape[0], self.lm.vocab_size), float("-inf"))
-            full[:, self.lm.head_token_ids] = logits
-            return full
-        return logits
+        return self.lm.full_logits(out.logits[0].float())
+
+    def reset_cache(self) -> None:
+        """Forget every cached position (after a failed pass left the caches' layers uneven)."""
+        self.cache = DynamicCache(config=self.lm.model.config)
+        self.cached = []
 
     def _crop_cache(self, length: int) -> None:
         crop_cache(self.cache, length)

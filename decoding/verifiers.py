@@ -12,15 +12,19 @@ vLLM-hosted and split-inference backends implement the same protocol.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
+from decoding.batching import RAGGED_MODEL_TYPES, VerifyBatcher, enable_ragged, supports_ragged
 from decoding.causal_lm import CachedSequence, CausalLM
 from decoding.events import TransportEvent
 from decoding.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 class VerifierUnavailableError(RuntimeError):
@@ -85,20 +89,33 @@ class Verifier(Protocol):
 
 
 class HFVerifier:
-    """The in-process verifier: a local Hugging Face causal LM."""
+    """The in-process verifier: a local Hugging Face causal LM.
 
-    def __init__(self, lm: CausalLM):
+    With ``max_batch > 1`` the verify passes of concurrent requests that are ready at
+    the same moment run as one forward (:mod:`decoding.batching`), for the decoder
+    families that support it; other models verify one request per pass.
+    """
+
+    def __init__(self, lm: CausalLM, *, max_batch: int = 1):
         self.lm = lm
         self.name = lm.name
         self.vocab_size = lm.vocab_size
         self.max_context = lm.max_context
+        self.batcher: VerifyBatcher | None = None
+        if max_batch > 1:
+            if supports_ragged(lm.model):
+                enable_ragged(lm.model)
+                self.batcher = VerifyBatcher(lm, max_batch)
+            else:
+                log.warning("verifier %s (%s) verifies one request per pass: batching supports %s without a "
+                            "sliding window", lm.name, lm.model.config.model_type, ", ".join(sorted(RAGGED_MODEL_TYPES)))  # fmt: skip
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> HFVerifier:
         return cls(CausalLM(path, **kwargs))
 
     async def start(self, prompt_ids: Sequence[int]) -> HFVerifySession:
-        return HFVerifySession(self.lm.sequence(prompt_ids))
+        return HFVerifySession(self.lm.sequence(prompt_ids), self.batcher)
 
     async def check_ready(self) -> None:
         return None
@@ -121,14 +138,18 @@ class HFVerifier:
 class HFVerifySession:
     last_transport = None  # in process: nothing crosses a network
 
-    def __init__(self, seq: CachedSequence):
+    def __init__(self, seq: CachedSequence, batcher: VerifyBatcher | None = None):
         self.seq = seq
+        self.batcher = batcher
 
     @property
     def forward_passes(self) -> int:
         return self.seq.forward_passes
 
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
+        if self.batcher is not None:
+            return await self.batcher.feed(self.seq, draft)
+
         def run() -> torch.Tensor:
             # One pass over the uncached context tail plus the whole draft.
             return self.seq.feed(self.seq.pending() + list(draft), keep=len(draft) + 1)

@@ -1,0 +1,184 @@
+"""Continuous batching for the embedded verifier: concurrent requests' verify passes as one forward.
+
+Each request keeps its own KV cache (a :class:`~decoding.causal_lm.CachedSequence`,
+which rolls back). A batch packs the requests' new tokens (uncached context tail
+plus draft) into one row ``[1, sum(n_i)]`` with per-token positions, so every
+linear layer (reading the weights: the bulk of a decode-sized pass on CPU and GPU
+alike) runs once for the batch, and attention runs per request against that
+request's own cache: ragged, with no padding and no copy of any context into a
+batch tensor. Each request's attention is the same SDPA call on the same keys as
+in an unbatched pass, so batched logits differ from unbatched ones only by the
+rounding of the packed matrix products (see tests/decoding/test_batching.py).
+
+Batches form the way vLLM's scheduler forms them, at the granularity of a round:
+while one pass runs on the model's worker thread, the verify requests that arrive
+queue up, and the next pass takes all of them (up to ``max_batch``). A lone
+request never waits for company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from decoding.causal_lm import CachedSequence, CausalLM
+
+log = logging.getLogger(__name__)
+
+#: The attention implementation a batching model runs: SDPA, per request when a ragged batch is passed.
+RAGGED_ATTENTION = "tandem_ragged"
+
+#: Decoder families whose attention layers call the attention interface with RoPE already applied and
+#: ``module.layer_idx`` set, and that attend to the whole context (no sliding window).
+RAGGED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def ragged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    ragged: Sequence[tuple[CachedSequence, int]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA over packed requests, each against its own KV cache.
+
+    query [1, Hq, N, D], key/value [1, Hkv, N, D]: the new tokens of every request in the
+    batch, packed (N = sum of ``n``), RoPE applied. ``ragged`` lists (sequence, n) in packing
+    order; each request's keys and values are appended to its own cache. Returns the attention
+    output [1, N, Hq, D], as transformers' attention functions do. Without ``ragged`` this is
+    plain SDPA (an unbatched pass with the mask transformers built).
+    """
+    if ragged is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    start = 0
+    for seq, n in ragged:
+        end = start + n
+        k, v = seq.cache.update(key[:, :, start:end], value[:, :, start:end], module.layer_idx)
+        total = k.shape[2]
+        # The n new tokens are the last n of the request's context: token j sees keys 0 .. total-n+j.
+        mask = None if n == 1 else torch.ones(n, total, dtype=torch.bool, device=query.device).tril(total - n)[None, None]
+        out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, mask, **kwargs)
+        outputs.append(out)
+        start = end
+    return torch.cat(outputs, dim=1), None
+
+
+def supports_ragged(model: PreTrainedModel) -> bool:
+    config = model.config
+    return config.model_type in RAGGED_MODEL_TYPES and not getattr(config, "sliding_window", None)
+
+
+def enable_ragged(model: PreTrainedModel) -> None:
+    """Switch ``model`` to :func:`ragged_attention` (identical to SDPA until a batch is passed)."""
+    AttentionInterface.register(RAGGED_ATTENTION, ragged_attention)
+    AttentionMaskInterface.register(RAGGED_ATTENTION, sdpa_mask)  # unbatched passes keep SDPA's masks
+    model.set_attn_implementation(RAGGED_ATTENTION)
+
+
+@dataclass
+class VerifyPass:
+    """One request's part of a batched pass: feed its uncached context tail plus ``draft``."""
+
+    seq: CachedSequence
+    draft: list[int]
+    future: asyncio.Future = field(repr=False)
+
+
+@torch.inference_mode()
+def forward_ragged(lm: CausalLM, passes: Sequence[VerifyPass]) -> list[torch.Tensor]:
+    """One forward pass over every request in ``passes``; runs on the model's worker thread.
+
+    Returns, per request, logits [k+1, V] float32 (k = len(draft)): row i is the
+    distribution after the context and ``draft[:i]``, as :meth:`CachedSequence.feed`.
+    """
+    tokens: list[int] = []
+    positions: list[int] = []
+    rows: list[int] = []  # packed indices of the logits each request needs
+    fed: list[list[int]] = []
+    for p in passes:
+        new = p.seq.pending() + p.draft
+        past = len(p.seq.cached)
+        tokens += new
+        positions += range(past, past + len(new))
+        rows += range(len(tokens) - len(p.draft) - 1, len(tokens))
+        fed.append(new)
+    device = lm.device
+    try:
+        out = lm.model(
+            input_ids=torch.tensor([tokens], device=device),
+            position_ids=torch.tensor([positions], device=device),
+            use_cache=False,  # each request's cache is updated inside ragged_attention
+            logits_to_keep=torch.tensor(rows, device=device),
+            ragged=[(p.seq, len(new)) for p, new in zip(passes, fed)],
+        )
+    except BaseException:
+        # Some layers may have appended to some caches: those caches start again from the prompt.
+        for p in passes:
+            p.seq.reset_cache()
+        raise
+    logits = lm.full_logits(out.logits[0].float())
+    results = []
+    start = 0
+    for p, new in zip(passes, fed):
+        p.seq.fed(new)
+        p.seq.forward_passes += 1
+        results.append(logits[start : start + len(p.draft) + 1])
+        start += len(p.draft) + 1
+    return results
+
+
+class VerifyBatcher:
+    """Runs the verify passes of concurrent requests on one model as batched forwards.
+
+    ``feed`` is awaited by each request's session; a background task takes every
+    pass queued at the moment the worker is free (up to ``max_batch``) and runs them
+    as one :func:`forward_ragged`. A request cancelled while queued leaves the queue;
+    one cancelled during its pass only loses its result: the others get theirs.
+    """
+
+    def __init__(self, lm: CausalLM, max_batch: int):
+        if max_batch < 2:
+            raise ValueError(f"a batcher needs max_batch >= 2, got {max_batch}")
+        self.lm = lm
+        self.max_batch = max_batch
+        self._queue: list[VerifyPass] = []
+        self._runner: asyncio.Task | None = None
+        #: Sizes of the batches run so far, for tests and the benchmark.
+        self.batch_sizes: list[int] = []
+
+    async def feed(self, seq: CachedSequence, draft: Sequence[int]) -> torch.Tensor:
+        """Score ``seq``'s context followed by ``draft``: logits [k+1, V] float32 on the model's device."""
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(VerifyPass(seq, list(draft), future))
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._run(), name=f"verify-batcher-{self.lm.name}")
+        return await future
+
+    async def _run(self) -> None:
+        while self._queue:
+            live = [p for p in self._queue if not p.future.done()]  # a cancelled request left
+            batch, self._queue = live[: self.max_batch], live[self.max_batch :]
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                logits = await self.lm.run(forward_ragged, self.lm, batch)
+            except Exception as exc:
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, rows in zip(batch, logits):
+                if not p.future.done():
+                    p.future.set_result(rows)
