@@ -28,6 +28,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+import kernels
 from decoding.causal_lm import CachedSequence, CausalLM
 
 log = logging.getLogger(__name__)
@@ -182,3 +183,107 @@ class VerifyBatcher:
             for p, rows in zip(batch, logits):
                 if not p.future.done():
                     p.future.set_result(rows)
+
+
+@dataclass
+class _Round:
+    draft: list[int]
+    target: torch.Tensor  # [k+1, V]: probabilities, or logits when greedy
+    q: torch.Tensor | None  # [k, V] draft probabilities; None: a point mass at each draft
+    seed: torch.Tensor | None  # [1] int64 on the target's device; None: greedy
+    future: asyncio.Future = field(repr=False)
+
+    def kind(self) -> tuple:
+        t = self.target
+        return self.seed is None, self.q is None, t.device, t.shape[-1], t.dtype
+
+
+class AcceptBatcher:
+    """The verification maths of concurrent rounds as one kernel call per kind of round.
+
+    The rounds whose logits came out of one batched forward resume in the same turn of
+    the event loop; each queues its acceptance here, and a callback scheduled behind
+    them runs one ``kernels.verify_drafts`` for each kind (greedy / sampled against
+    draft probabilities / sampled against a point mass, per device and vocabulary).
+    A lone round is a batch of one. Sampled rows carry their own seed, drawn from the
+    request's generator, so a row's result never depends on the batch it ran in.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+        self._pending: list[_Round] = []
+        #: Sizes of the kernel calls made so far, for tests and the benchmark.
+        self.call_sizes: list[int] = []
+
+    async def accept(
+        self,
+        draft: Sequence[int],
+        target: torch.Tensor,
+        q: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[list[int], int]:
+        """Verify one round: ``target`` [k+1, V] (processed probabilities; logits when ``generator``
+        is None, which means greedy), ``q`` [k, V] or None, all on one device. Returns (the accepted
+        drafts plus one correction or bonus token, the number accepted)."""
+        # Drawn where the generator lives (the logits' device): no host sync.
+        seed = None
+        if generator is not None:
+            seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=target.device)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append(_Round(list(draft), target, q, seed, future))
+        if len(self._pending) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        groups: dict[tuple, list[_Round]] = {}
+        for r in pending:
+            if not r.future.done():  # a cancelled request left
+                groups.setdefault(r.kind(), []).append(r)
+        for rounds in groups.values():
+            self._settle(rounds)
+
+    def _settle(self, rounds: list[_Round]) -> None:
+        try:
+            results = self._verify(rounds)
+        except Exception as exc:
+            if len(rounds) == 1:
+                rounds[0].future.set_exception(exc)
+            else:  # one bad row must not fail its neighbours: verify each alone
+                for r in rounds:
+                    self._settle([r])
+            return
+        for r, result in zip(rounds, results):
+            r.future.set_result(result)
+
+    def _verify(self, rounds: list[_Round]) -> list[tuple[list[int], int]]:
+        first = rounds[0]
+        device, V = first.target.device, first.target.shape[-1]
+        B, K = len(rounds), max(len(r.draft) for r in rounds)
+        draft_tokens = torch.zeros((B, K), dtype=torch.long)  # padding must be a valid id: 0
+        for b, r in enumerate(rounds):
+            draft_tokens[b, : len(r.draft)] = torch.tensor(r.draft, dtype=torch.long)
+        draft_tokens = draft_tokens.to(device, non_blocking=True)
+        lens = torch.tensor([len(r.draft) for r in rounds], dtype=torch.long, device=device)
+        if B == 1:
+            target, q = first.target[None], None if first.q is None else first.q[None]
+        else:
+            # Rows past a round's k + 1 are never read by the maths; zeros pass the NaN check.
+            target = first.target.new_zeros((B, K + 1, V))
+            for b, r in enumerate(rounds):
+                target[b, : r.target.shape[0]] = r.target
+            q = None
+            if first.q is not None:
+                q = first.q.new_zeros((B, K, V))
+                for b, r in enumerate(rounds):
+                    q[b, : r.q.shape[0]] = r.q
+        self.call_sizes.append(B)
+        if first.seed is None:
+            result = kernels.verify_drafts(draft_tokens, lens, target, greedy=True, backend=self.backend)
+        else:
+            seeds = torch.cat([r.seed for r in rounds])
+            result = kernels.verify_drafts(draft_tokens, lens, target, q, backend=self.backend, seeds=seeds)
+        tokens, accepted = result.tokens.tolist(), result.num_accepted.tolist()
+        return [(tokens[b][: n + 1], n) for b, n in enumerate(accepted)]
+

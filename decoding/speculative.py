@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 import kernels
+from decoding.batching import AcceptBatcher
 from decoding.detokenizer import IncrementalDetokenizer
 from decoding.drafters import EMPTY_DRAFT, Draft, Drafter
 from decoding.events import RoundEvent
@@ -281,6 +282,7 @@ class SpeculativeRouter:
         self.tokenizer = tokenizer
         self.options = options
         self.kernel_backend = kernel_backend
+        self.acceptor = AcceptBatcher(kernel_backend)
         #: What to do when the verifier is unavailable mid-request: fail
         #: (VerifierUnavailableError, HTTP 503) or finish the request with the
         #: drafter alone, flagged in the statistics as ``fallback``.
@@ -497,7 +499,7 @@ class SpeculativeRouter:
                     elif params.logprobs is not None:
                         logprob_rows = logits
                     if decided is None:
-                        new_tokens, num_accepted = self._accept(proposal, logits, params, generators.on(logits.device))
+                        new_tokens, num_accepted = await self._accept(proposal, logits, params, generators.on(logits.device))
                     if mode == "speculative":
                         tracker.update(k, num_accepted)
 
@@ -630,28 +632,22 @@ class SpeculativeRouter:
             with contextlib.suppress(Exception):  # a dead verifier must not mask the real outcome
                 await session.close()
 
-    def _accept(
+    async def _accept(
         self, proposal: Draft, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator
     ) -> tuple[list[int], int]:
-        """Run the verification maths on one row, on the device the verifier's logits live on.
+        """Run the verification maths of one round, on the device the verifier's logits live on.
 
         logits: [k+1, V] float32 from the verifier; ``generator`` lives on the same
-        device. Returns (the accepted drafts plus one correction or bonus token, accepted).
+        device. Concurrent rounds share one kernel call (:class:`AcceptBatcher`).
+        Returns (the accepted drafts plus one correction or bonus token, accepted).
         """
-        device = logits.device
-        k = len(proposal.tokens)
-        draft_tokens = torch.tensor([proposal.tokens], dtype=torch.long, device=device)
-        lens = torch.tensor([k], dtype=torch.long, device=device)
         if params.greedy:
-            result = kernels.verify_drafts(draft_tokens, lens, logits[None], greedy=True, backend=self.kernel_backend)
-        else:
-            target = logits_to_probs(logits, params)[None]
-            # A deterministic proposal (greedy drafting, n-gram lookup) has no probs: the
-            # kernels treat it as a point mass at each draft without materialising [k, V].
-            q = None if proposal.probs is None else proposal.probs[None].to(device, non_blocking=True)
-            result = kernels.verify_drafts(draft_tokens, lens, target, q, generator, backend=self.kernel_backend)
-        n = int(result.num_accepted[0])
-        return result.tokens[0, : n + 1].tolist(), n
+            return await self.acceptor.accept(proposal.tokens, logits, None, None)
+        target = logits_to_probs(logits, params)
+        # A deterministic proposal (greedy drafting, n-gram lookup) has no probs: the
+        # kernels treat it as a point mass at each draft without materialising [k, V].
+        q = None if proposal.probs is None else proposal.probs.to(logits.device, non_blocking=True)
+        return await self.acceptor.accept(proposal.tokens, target, q, generator)
 
 
 class Generators:

@@ -118,6 +118,8 @@ class Job:
         self.abort_reason = reason
         if reason != "closed":
             self.record.aborted = reason
+            # The response may end (and be logged) before the cancelled choices wind down.
+            self.record.completion_tokens = self.completion_tokens
         if self._admit is not None and not self._admit.done():
             self._admit.cancel()
         for t in self.tasks:

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from decoding.batching import VerifyBatcher, VerifyPass, enable_ragged, forward_ragged
+from decoding.batching import AcceptBatcher, VerifyBatcher, VerifyPass, enable_ragged, forward_ragged
 from decoding.causal_lm import CausalLM
 from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
@@ -86,6 +86,87 @@ def test_batched_router_is_token_identical_to_unbatched(drafter_kind, batching_l
     assert got == want
     sizes = batched_verifier.batcher.batch_sizes
     assert max(sizes) > 1 and max(sizes) <= 4, sizes
+
+
+def test_concurrent_sampled_rounds_share_one_kernel_call_and_keep_their_seeds(batching_lm, tiny_verifier_lm,
+                                                                              tiny_tokenizer):
+    """Seeded sampled requests run concurrently through the batched verifier emit what each emits
+    alone (every row draws from its own seed), and their acceptances shared kernel calls. The
+    n-gram drafter proposes at once, so the rounds stay in step and their verify passes meet."""
+    options = SpecOptions(num_draft_tokens=3, max_draft_tokens=6)
+    params = [SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=100 + i) for i in range(len(PROMPTS))]
+
+    async def run(router, concurrent):
+        async def one(prompt, p):
+            return (await router.generate(router.encode(prompt), p, options)).token_ids
+
+        if concurrent:
+            return await asyncio.gather(*(one(prompt, p) for prompt, p in zip(PROMPTS, params)))
+        return [await one(prompt, p) for prompt, p in zip(PROMPTS, params)]
+
+    ngram = NgramDrafter(tiny_verifier_lm.vocab_size)
+    alone = SpeculativeRouter(HFVerifier(tiny_verifier_lm), ngram, tiny_tokenizer)
+    batched = SpeculativeRouter(HFVerifier(batching_lm, max_batch=8), ngram, tiny_tokenizer)
+    want = asyncio.run(run(alone, concurrent=False))
+    got = asyncio.run(run(batched, concurrent=True))
+    assert got == want
+    assert max(alone.acceptor.call_sizes) == 1 and max(batched.acceptor.call_sizes) > 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_rows_acceptance_does_not_depend_on_its_batch(backend):
+    """Greedy, dense-q and point-mass rounds of mixed k, with padding between them: one call per
+    kind gives each row what it gets alone (Triton runs in its interpreter here)."""
+    V = 50
+    g = torch.Generator().manual_seed(3)
+
+    def rounds():
+        out = []
+        for i, k in enumerate([0, 3, 1, 5, 2, 4]):
+            draft = torch.randint(0, V, (k,), generator=g).tolist()
+            logits = torch.randn(k + 1, V, generator=g) * 3
+            kind = i % 3
+            if kind == 0:
+                out.append((draft, logits, None, None))
+            else:
+                q = torch.softmax(torch.randn(k, V, generator=g), -1) if kind == 1 else None
+                out.append((draft, torch.softmax(logits, -1), q, torch.Generator().manual_seed(i)))
+        return out
+
+    cases = rounds()
+
+    async def together(acceptor):
+        return await asyncio.gather(*(acceptor.accept(d, t, q, None if gen is None else gen.clone_state())
+                                      for d, t, q, gen in cases))  # fmt: skip
+
+    async def one_by_one(acceptor):
+        return [await acceptor.accept(d, t, q, None if gen is None else gen.clone_state()) for d, t, q, gen in cases]
+
+    batched, single = AcceptBatcher(backend), AcceptBatcher(backend)
+    got, want = asyncio.run(together(batched)), asyncio.run(one_by_one(single))
+    assert got == want
+    assert sorted(batched.call_sizes) == [2, 2, 2] and single.call_sizes == [1] * len(cases)
+    for (draft, *_), (tokens, n) in zip(cases, got):
+        assert tokens[:n] == draft[:n] and len(tokens) == n + 1
+
+
+def test_a_bad_row_fails_alone():
+    """A NaN in one request's probabilities fails that request only; its batch-mates are verified."""
+    good = torch.softmax(torch.randn(3, 20), -1)
+    bad = good.clone()
+    bad[1, 4] = float("nan")
+
+    async def scenario():
+        acceptor = AcceptBatcher("torch")
+        return await asyncio.gather(
+            acceptor.accept([1, 2], good, None, torch.Generator().manual_seed(0)),
+            acceptor.accept([1, 2], bad, None, torch.Generator().manual_seed(0)),
+            return_exceptions=True,
+        )
+
+    ok, failed = asyncio.run(scenario())
+    assert isinstance(failed, ValueError) and "NaN" in str(failed)
+    assert isinstance(ok, tuple) and len(ok[0]) == ok[1] + 1
 
 
 def test_cancelling_one_request_mid_batch_frees_only_its_own(batching_lm, tiny_verifier_lm):

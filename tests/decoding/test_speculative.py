@@ -458,14 +458,16 @@ def test_every_tensor_of_a_round_lives_on_the_logits_device(temperature, drafter
         k = draft_tokens.shape[1]  # meta tensors hold no values: accept k placeholder tokens
         return VerificationResult(tokens=torch.full((1, k + 1), 7), num_accepted=torch.tensor([k]))
 
-    class DeviceGenerator:  # torch has no generator for `meta`: record which device was asked for
-        def __init__(self, device):
-            self.device = torch.device(device)
-
+    asked = []  # the devices the router asked for a generator on
     real_on = Generators.on
-    monkeypatch.setattr(
-        Generators, "on", lambda self, d: DeviceGenerator(d) if torch.device(d).type == "meta" else real_on(self, d)
-    )
+
+    def on(self, device):
+        if torch.device(device).type == "meta":  # torch has no meta generator; meta tensors take a CPU one
+            asked.append(torch.device(device))
+            return torch.Generator()
+        return real_on(self, device)
+
+    monkeypatch.setattr(Generators, "on", on)
     monkeypatch.setattr(kernels, "verify_drafts", recording_verify)
     drafter = drafters[drafter_name]
     router = SpeculativeRouter(MetaVerifier(drafter.vocab_size), drafter, tiny_tokenizer)
@@ -476,9 +478,10 @@ def test_every_tensor_of_a_round_lives_on_the_logits_device(temperature, drafter
         assert {t.device.type for t in (draft_tokens, draft_lens, target) if t is not None} == {"meta"}
         assert kw.get("greedy", False) == (temperature == 0.0)
         if temperature == 0.0:
-            assert q is None and generator is None
+            assert q is None and "seeds" not in kw
         else:
-            assert generator.device.type == "meta"
+            # Each sampled row draws its seed from the request's generator for the logits' device.
+            assert kw["seeds"].device.type == "meta" and {d.type for d in asked} == {"meta"}
             if drafter_name == "ngram":  # deterministic proposal: no dense one-hot q
                 assert q is None
             elif draft_tokens.shape[1] > 0:
