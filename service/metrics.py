@@ -284,6 +284,7 @@ class Metrics:
             self.verifier_mode_switches.labels(to)
         for backend in BACKENDS:
             self.verifier_streamed_tokens.labels(backend)
+            self.verifier_rtt.labels(backend)
 
     # -- helpers used by the gateway ------------------------------------------------
 
