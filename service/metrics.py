@@ -51,7 +51,10 @@ REJECTION_REASONS = ("queue_full", "unauthorized", "invalid", "not_found", "cont
 VERIFIER_ERROR_KINDS = ("unavailable", "timeout", "protocol", "other")
 FALLBACK_REASONS = ("verifier_unavailable",)
 BACKENDS = ("vllm", "split")
-RESYNC_REASONS = ("unknown_session",)
+# Why a remote verifier re-sent a context: the server does not know the session (restarted, expired), the
+# split worker evicted it (TTL, memory bound) or its cache disagrees, or its replica was lost
+# (decoding/backends/vllm_replicas.py). All exported at zero: a resync series born at 1 shows no increase.
+RESYNC_REASONS = ("unknown_session", "session_evicted", "cache_mismatch", "replica_lost")
 SPLIT_FAILURE_REASONS = ("unreachable", "unavailable")
 
 
@@ -284,6 +287,7 @@ class Metrics:
             self.verifier_mode_switches.labels(to)
         for backend in BACKENDS:
             self.verifier_streamed_tokens.labels(backend)
+            self.verifier_rtt.labels(backend)
 
     # -- helpers used by the gateway ------------------------------------------------
 

@@ -63,7 +63,9 @@ class ContextStore:
         now = time.monotonic()
         self._expire(now)
         if session not in self._data and len(self._data) >= self.limits.max_sessions:
-            raise StoreFullError(f"{len(self._data)} live sessions, the limit (--tandem-max-sessions)")
+            raise StoreFullError(
+                f"{len(self._data)} live sessions, at the limit --tandem-max-sessions={self.limits.max_sessions}"
+            )
         if base == 0:
             ctx = array("i", append)
         else:

@@ -6,7 +6,10 @@ What runs (session-scoped, started in parallel; everything is a real program):
   drafter agrees with the verifier often, so acceptance counters move), 2 slots and a queue of 2, so
   an overload gets 429s;
 * ``gateway_vllm``: ``tandem serve`` whose verifier is a real vLLM started through ``tandem
-  verifier`` (the ``vllm_server`` fixture of tests/decoding, reused);
+  verifier`` (the ``vllm_server`` fixture of tests/support/vllm.py, reused), reached through
+  ``vllm_proxy``, a delay proxy (``python -m loadtests.delay_proxy``) adding a WAN-like RTT: rounds
+  then lose to one stream from vLLM, so the router switches and the verifier's streaming, RTT and
+  mode-switch panels get data;
 * ``gateway_dead``: ``tandem serve`` whose remote verifier is unreachable, with the drafter-only
   fallback on: /ready answers 503 and counts verifier errors, completions fall back to the drafter;
 * ``split_worker``: ``tandem split-worker`` with a 2 s session TTL, driven by ``split_edge`` (real
@@ -37,6 +40,9 @@ from tests.support.gateway import Gateway, isolated_env, start_server
 
 DOCKER = REPO / "docker"
 START_TIMEOUT_S = 300.0  # importing torch in four processes at once, on a busy 2-core machine
+#: Between gateway_vllm and vLLM: far above a verify round's server time with the tiny pair (milliseconds),
+#: so the router's measured policy prefers one stream (decoding/stream_policy.py).
+VLLM_RTT_MS = 150
 
 # vLLM's fixtures (vllm_pair, vllm_server) live in tests/support/vllm.py: one vLLM per test session.
 
@@ -62,6 +68,7 @@ class Stack:
     gateway: Gateway
     gateway_vllm: Gateway
     gateway_dead: Gateway
+    vllm_proxy: ServerProcess
     split_worker: ServerProcess
     split_edge: ServerProcess
     vllm_url: str
@@ -101,11 +108,16 @@ def stack(request, vllm_pair, tmp_path_factory) -> Iterator[Stack]:
         procs.append(edge)
         # vLLM starts (about a minute or more) while the tandem processes import torch.
         vllm = request.getfixturevalue("vllm_server")
-        gateway_vllm = tandem_serve("gateway-vllm", log_dir, "--verifier", vllm.url, "--drafter", str(drafter))
+        pport = free_port()
+        proxy = spawn("vllm-proxy", [sys.executable, "-m", "loadtests.delay_proxy", "--listen", f"127.0.0.1:{pport}",
+                                     "--upstream", f"127.0.0.1:{vllm.port}", "--rtt-ms", str(VLLM_RTT_MS)], log_dir, pport)  # fmt: skip
+        procs.append(proxy)
+        proxy.wait_http("/health", timeout=60, interval=0.2)  # vLLM's /health, through the proxy
+        gateway_vllm = tandem_serve("gateway-vllm", log_dir, "--verifier", proxy.url, "--drafter", str(drafter))
         procs.append(gateway_vllm)
         for proc, path in ((gateway, "/ready"), (dead, "/health"), (worker, "/health"), (edge, "/metrics"), (gateway_vllm, "/ready")):
             proc.wait_http(path, timeout=START_TIMEOUT_S, interval=0.3)
-        yield Stack(gateway, gateway_vllm, dead, worker, edge, vllm.url, verifier, drafter, log_dir)
+        yield Stack(gateway, gateway_vllm, dead, proxy, worker, edge, vllm.url, verifier, drafter, log_dir)
     finally:
         codes = {p.name: p.stop() for p in reversed(procs)}
     bad = {n: c for n, c in codes.items() if n.startswith("gateway") and c != 0}

@@ -21,6 +21,19 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "tandem.json"
 # Grafana's variables, as Grafana would expand them for "All" over the last minutes.
 SUBSTITUTIONS = {"$__rate_interval": "2m", "$__interval": "15s", "$instance": ".*", "$vllm_instance": ".*"}
 
+#: The row of the remote verifier's panels (the ``tandem_verifier_*`` families of service/metrics.py).
+VERIFIER_ROW = "Remote verifier (vLLM, split)"
+
+#: Queries of that row that may stay at zero after the stack's traffic, and why. Every other query of the
+#: row must show a value above zero: the pre-exported zero series would otherwise pass for data.
+VERIFIER_ZERO_ALLOWED: dict[tuple[str, str], str] = {
+    ("Verifier retries and resyncs", "A"): (
+        "a retry is a transient failure inside a round that then succeeds; the stack's faults are permanent (the "
+        "unreachable verifier: errors, no round) or a lost session (the split worker's TTL: a resync, panel B). "
+        "Retries are counted against injected faults in tests/decoding/backends/test_vllm_client.py"
+    ),
+}
+
 #: Metrics the dashboard shows that no live program emits yet. A query on these must still be valid
 #: PromQL and the metric must be declared on the gateway's /metrics (so the name is right); data is
 #: not required. (Empty: the verifier-down gateway with the drafter-only fallback fills the fallbacks panel.)
@@ -44,6 +57,17 @@ def queries() -> list[tuple[str, str, str]]:
             for var, value in SUBSTITUTIONS.items():
                 expr = expr.replace(var, value)
             out.append((p["title"], t["refId"], expr))
+    return out
+
+
+def row_panels(row_title: str) -> list[dict]:
+    """The panels under a row, in the dashboard's order."""
+    out, inside = [], False
+    for p in dashboard()["panels"]:
+        if p["type"] == "row":
+            inside = p["title"] == row_title
+        elif inside:
+            out.append(p)
     return out
 
 
@@ -111,6 +135,23 @@ def test_queries_follow_the_conventions():
             assert "[2m]" in expr, f"{title}/{ref}: use $__rate_interval"
 
 
+def test_every_remote_verifier_family_has_a_panel():
+    """Each tandem_verifier_* family the gateway exports is on the dashboard, in the remote verifier's row
+    (the errors by kind sit with the faults)."""
+    from service.metrics import Metrics
+
+    families = {m.name for m in Metrics().registry.collect() if m.name.startswith("tandem_verifier_")}
+    assert {"tandem_verifier_mode_switches", "tandem_verifier_streamed_tokens", "tandem_verifier_rtt_seconds"} <= families
+    row_names = {n for p in row_panels(VERIFIER_ROW) for t in p["targets"] for n in metric_names(t["expr"])}
+    everywhere = {n for _, _, e in queries() for n in metric_names(e)}
+    on_dashboard = {f for f in families if any(re.fullmatch(rf"{f}(_total|_bucket|_sum|_count)?", n) for n in everywhere)}
+    assert on_dashboard == families, f"tandem_verifier_* families without a panel: {sorted(families - on_dashboard)}"
+    in_row = {f for f in families if any(re.fullmatch(rf"{f}(_total|_bucket|_sum|_count)?", n) for n in row_names)}
+    assert families - in_row == {"tandem_verifier_errors"}, sorted(families - in_row)
+    titles = {p["title"] for p in row_panels(VERIFIER_ROW)}
+    assert {title for title, _ in VERIFIER_ZERO_ALLOWED} <= titles
+
+
 def test_provisioning_points_grafana_at_the_dashboard():
     provider = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/tandem.yml").read_text())["providers"][0]
     compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
@@ -153,11 +194,28 @@ def drive_traffic(stack) -> dict:
             assert stack.split_edge.proc.poll() is None, stack.split_edge.log()[-3000:]
             assert time.monotonic() < deadline, "split traffic did not finish:\n" + stack.split_edge.log()[-3000:]
             time.sleep(0.5)
+        counts["gateway_vllm_modes"] = drive_remote_verifier(stack.gateway_vllm)
         time.sleep(2)  # errors keep coming while Prometheus scrapes
     finally:
         stop.set()
         thread.join()
     return counts
+
+
+def drive_remote_verifier(gateway) -> dict[str, int]:
+    """Requests that exercise each remote-verifier path of a gateway on vLLM (behind the proxy's RTT):
+    speculative (the router measures the RTT, then switches to one stream), verifier-only (one stream),
+    and a request with logprobs (rounds scored on top-K rows: the RTT and the tail mass are measured).
+    Returns the HTTP status of each."""
+    prompt = "def parse(self, text):\n    for line in text.splitlines():\n"
+    base = {"model": "tandem", "prompt": prompt, "temperature": 0, "ignore_eos": True}
+    requests = {
+        "speculative": {**base, "max_tokens": 32},
+        "verifier_only": {**base, "max_tokens": 16, "tandem": {"mode": "verifier-only"}},
+        "logprobs": {**base, "max_tokens": 8, "logprobs": 1},
+    }
+    with httpx.Client(timeout=120) as c:
+        return {name: c.post(gateway.url + "/v1/completions", json=body).status_code for name, body in requests.items()}
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +247,32 @@ def test_every_dashboard_query_returns_data_from_live_targets(stack, prometheus,
         if not finite:
             empty.append(f"{title} [{ref}]: {expr} -> {result}")
     assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
+
+
+def test_remote_verifier_panels_show_the_traffic(stack, prometheus, traffic):
+    """Every query of the remote verifier's row shows a value above zero after the traffic (a rate or an
+    increase of the zero series exported at start would otherwise count as data), except the listed ones.
+    Evaluated over 10 minutes, so that the earliest traffic (the split edge's resync) is still in the window."""
+    assert traffic["gateway_vllm_modes"] == {"speculative": 200, "verifier_only": 200, "logprobs": 200}, traffic
+    prometheus.wait_scrapes(3)
+    zero, checked = [], 0
+    for p in row_panels(VERIFIER_ROW):
+        for t in p["targets"]:
+            expr = t["expr"]
+            for var, value in {**SUBSTITUTIONS, "$__rate_interval": "10m"}.items():
+                expr = expr.replace(var, value)
+            values = [float(s["value"][1]) for s in prometheus.query(expr)]
+            positive = [v for v in values if math.isfinite(v) and v > 0]
+            checked += 1
+            if (p["title"], t["refId"]) in VERIFIER_ZERO_ALLOWED:
+                continue
+            if not positive:
+                zero.append(f"{p['title']} [{t['refId']}]: {expr} -> {values}")
+    assert checked >= 10
+    assert not zero, "remote verifier queries without traffic:\n" + "\n".join(zero)
+    # The switch came from the router's own measurement of the proxy's RTT.
+    rtt = prometheus.query('histogram_quantile(0.5, sum by (le) (rate(tandem_verifier_rtt_seconds_bucket{backend="vllm"}[10m])))')
+    assert rtt and float(rtt[0]["value"][1]) >= 0.1, rtt
 
 
 def test_template_variables_resolve_on_live_targets(stack, prometheus, traffic):

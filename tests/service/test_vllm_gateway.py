@@ -7,12 +7,15 @@ the tests that need it undisturbed (tests/decoding runs before tests/service).
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 import openai
 import pytest
 
+from decoding.protocol import INFO_PATH, SESSIONS_PATH, VERIFY_PATH
 from tests.service.conftest import start_server, sum_metric, wait_until_up
+from tests.support.vllm import REPLICA_MAX_SESSIONS
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,40 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
     grown = {key: value - before[key] for key, value in sample().items()}
     assert grown["streamed"] == r.json()["usage"]["completion_tokens"] == 12
     assert grown["round_trips"] == 1 and grown["to_stream"] == 0  # verifier-only streams from the start
+
+
+def test_a_full_verifier_is_a_503_at_the_gateway_until_a_slot_frees(vllm_replica, vllm_pair, tmp_path):
+    """A verifier at its session limit answers a new session's round with 503 verifier_full; the gateway retries
+    (TANDEM_VERIFIER_RETRIES), then answers its client 503 verifier_unavailable with Retry-After and the
+    verifier's reason (no drafter-only fallback unless configured). Once a slot frees, the same request
+    goes through without a gateway restart."""
+    gateway = start_server(
+        tmp_path / "serve.log", "--verifier", vllm_replica.url, "--drafter", str(vllm_pair[1]),
+        env={"TANDEM_VERIFIER_TIMEOUT_S": "15", "TANDEM_VERIFIER_RETRIES": "1", "TANDEM_VERIFIER_BACKOFF_S": "0.05"},
+    )  # fmt: skip
+    body = {"model": "tandem", "prompt": "def main():", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    held = [uuid.uuid4().hex for _ in range(REPLICA_MAX_SESSIONS)]
+    try:
+        with httpx.Client(base_url=vllm_replica.url, timeout=60) as verifier:
+            for sid in held:  # every slot taken by other edges' sessions
+                r = verifier.post(VERIFY_PATH, json={"session": sid, "base": 0, "append": [1, 2, 3], "draft": [],
+                                                     "top_k": 1, "cache_salt": None})  # fmt: skip
+                assert r.status_code == 200, r.text
+            refused_before = verifier.get(INFO_PATH).json()["counters"]["refused_full"]
+            r = gateway.http.post("/v1/completions", json=body)
+            assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1, r.text
+            error = r.json()["error"]
+            assert (error["type"], error["code"]) == ("service_unavailable_error", "verifier_unavailable")
+            assert f"--tandem-max-sessions={REPLICA_MAX_SESSIONS}" in error["message"] and "Traceback" not in r.text
+            assert verifier.get(INFO_PATH).json()["counters"]["refused_full"] == refused_before + 2  # 1 retry
+            assert verifier.delete(f"{SESSIONS_PATH}/{held.pop()}").status_code == 204
+            ok = gateway.http.post("/v1/completions", json=body)
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 8, ok.text
+    finally:
+        assert gateway.stop() == 0
+        with httpx.Client(base_url=vllm_replica.url, timeout=60) as verifier:
+            for sid in held:
+                verifier.delete(f"{SESSIONS_PATH}/{sid}")
 
 
 def test_vllm_killed_mid_stream_gives_a_clean_error_and_the_gateway_recovers(gateway_on_vllm, vllm_server):

@@ -34,9 +34,8 @@ def vllm_pair(tmp_path_factory) -> tuple[Path, Path]:
     return build_pair(tmp_path_factory.mktemp("vllm_pair"))
 
 
-@pytest.fixture(scope="session")
-def vllm_server(vllm_pair, tmp_path_factory):
-    """A running ``tandem verifier`` on the pair's verifier, shared by the session."""
+def _start_verifier(model: Path, log: Path, extra_args: list[str]):
+    """A ``tandem verifier`` on ``model``, started and serving (the test FAILS with instructions without vLLM)."""
     python = vllm_python()
     if not python.exists():
         pytest.fail(
@@ -46,14 +45,47 @@ def vllm_server(vllm_pair, tmp_path_factory):
             "(or point TANDEM_VLLM_PYTHON at a Python that has vLLM).",
             pytrace=False,
         )
-    log = Path(os.environ.get("TANDEM_VLLM_LOG", tmp_path_factory.mktemp("vllm_log") / "vllm.log"))
-    server = VLLMServer(vllm_pair[0], python=python, extra_args=TEST_SERVER_ARGS, log_path=log, via_cli=True)
+    server = VLLMServer(model, python=python, extra_args=extra_args, log_path=log, via_cli=True)
+    _serve(server)
+    return server
+
+
+def _serve(server: VLLMServer) -> None:
     try:
         server.start(timeout_s=float(os.environ.get("TANDEM_VLLM_START_TIMEOUT_S", "600")))
     except RuntimeError as exc:
         pytest.fail(f"could not start vLLM: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_pair, tmp_path_factory):
+    """A running ``tandem verifier`` on the pair's verifier, shared by the session."""
+    log = Path(os.environ.get("TANDEM_VLLM_LOG", tmp_path_factory.mktemp("vllm_log") / "vllm.log"))
+    server = _start_verifier(vllm_pair[0], log, TEST_SERVER_ARGS)
     yield server
     server.stop()
+
+
+#: The second server's session limit (``--tandem-max-sessions``): small, so that a test can fill it.
+REPLICA_MAX_SESSIONS = 2
+
+
+@pytest.fixture(scope="session")
+def _vllm_replica_process(vllm_pair, tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm_replica_log") / "vllm.log"
+    server = _start_verifier(vllm_pair[0], log, [*TEST_SERVER_ARGS, "--tandem-max-sessions", str(REPLICA_MAX_SESSIONS)])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vllm_replica(_vllm_replica_process):
+    """A second ``tandem verifier`` on the same model, with room for only REPLICA_MAX_SESSIONS sessions: the
+    other replica of the replica tests, and the full verifier of the 503 tests. Started once per test session
+    (on demand); a test that killed it gets it started again, on the same port, by the next test that asks."""
+    if not _vllm_replica_process.alive:
+        _serve(_vllm_replica_process)
+    return _vllm_replica_process
 
 
 def vllm_completion(server, prompt: list[int], max_tokens: int, **extra) -> dict:

@@ -210,37 +210,65 @@ def _power(p: np.ndarray, alt: np.ndarray, cells: list[list[int]], samples: int,
     return float(stats.ncx2.sf(stats.chi2.isf(alpha, df), df, lam))
 
 
+def _joint_law(lm: CausalLM, prompt: list[int], params: SamplingParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact law of the first two generated tokens under ``params``, from the verifier alone.
+
+    Returns (p1 [V], p2 [V, V] with p2[a] the law of token 2 after token a (zero rows outside p1's support),
+    joint [V, V] = p1[a] * p2[a, b]), float64.
+    """
+    with torch.inference_mode():
+        first = lm.model(torch.tensor([prompt])).logits[0, -1:].float()
+        p1 = logits_to_probs(first, params)[0].double().numpy()
+        support = np.nonzero(p1 > 0)[0]
+        second = lm.model(torch.tensor([prompt + [int(a)] for a in support])).logits[:, -1].float()
+        p2 = np.zeros((p1.size, p1.size))
+        p2[support] = logits_to_probs(second, params).double().numpy()
+    return p1, p2, p1[:, None] * p2
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.9], ids=["top_k0_top_p1", "top_p0.9"])
 def test_seeded_sampling_has_the_verifiers_exact_distribution(top_p, vllm_server, verifier, tokenizer, vllm_pair):
-    """The first generated token (decided with a sampled draft: acceptance and resampling both
-    happen) against the verifier's exact processed distribution, at top_k 0 and temperature 1.5.
+    """The first two generated tokens, decided with sampled one-token drafts (k = 1): token 1 by the first
+    round (acceptance or resampling), token 2 either as that round's bonus (draft accepted) or by a second
+    round on the extended session (draft rejected). Tested against the verifier's exact processed law, at
+    top_k 0 and temperature 1.5: the first token's law, and the joint law of the pair (which holds the
+    conditional law of token 2 given token 1), each with a chi-square test at level 1e-3.
 
-    Power, stated and computed here: for top_p 1, against what a top-K transport without
-    server-side decisions gives (the target renormalised over its top K = 20), the chi-square
-    test at the test's level (p < 1e-3 fails) has power >= 0.99; for top_p 0.9, against a
-    sampler that ignores top_p, a sample outside the nucleus (a hard failure: p = 0 there)
-    happens with probability >= 0.99.
+    Power, stated and computed here. First token: for top_p 1, against what a top-K transport without
+    server-side decisions gives (the target renormalised over its top K = 20), power >= 0.99; for top_p
+    0.9, against a sampler that ignores top_p, a sample outside the nucleus (a hard failure: p = 0 there)
+    happens with probability >= 0.99. Pair: power >= 0.99 against token 2 drawn after the wrong context
+    (the most likely first token whatever was drawn: a stale session) and >= 0.9 against token 2 drawn at
+    temperature 1 (a bonus token that skips the request's sampling); for top_p 0.9, a token 2 that ignores
+    top_p lands outside the pair's support with probability >= 0.99.
     """
     samples, alpha, temperature = 400, 1e-3, 1.5
     params = SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p, ignore_eos=True)
     prompt = tokenizer.encode("import os\n")
     lm = CausalLM(vllm_pair[0])
-    with torch.inference_mode():
-        logits = lm.model(torch.tensor([prompt])).logits[0, -1:].float()
-    p = logits_to_probs(logits, params)[0].double().numpy()
-    tempered = logits_to_probs(logits, SamplingParams(temperature=temperature))[0].double().numpy()
+    p, p2, joint = _joint_law(lm, prompt, params)
+    tempered, tempered2, _ = _joint_law(lm, prompt, SamplingParams(temperature=temperature))
     cells = _cells(p, samples)
     if top_p == 1.0:
         alt = np.where(tempered >= np.sort(tempered)[-20], tempered, 0.0)
         assert _power(p, alt / alt.sum(), cells, samples, alpha) >= 0.99
     else:
         assert 1 - (1 - tempered[p == 0].sum()) ** samples >= 0.99
+    joint_flat = joint.ravel()
+    joint_cells = _cells(joint_flat, samples)
+    stale = p[:, None] * p2[int(np.argmax(p))][None, :]
+    cold = p[:, None] * _joint_law(lm, prompt, SamplingParams(temperature=1.0, top_p=top_p))[1]
+    assert _power(joint_flat, stale.ravel(), joint_cells, samples, alpha) >= 0.99
+    assert _power(joint_flat, cold.ravel(), joint_cells, samples, alpha) >= 0.9
+    if top_p < 1.0:
+        outside = float((p[:, None] * np.where(p2 == 0, tempered2, 0.0)).sum())
+        assert 1 - (1 - outside) ** samples >= 0.99
 
     drafter = HFDrafter(CausalLM(vllm_pair[1]), cost_ratio=0.2)
     router = SpeculativeRouter(verifier, drafter, tokenizer, SpecOptions(num_draft_tokens=1))
 
     async def sample_all():
-        firsts, drafted, accepted = Counter(), 0, 0
+        pairs, drafted, accepted = Counter(), 0, 0
         for start in range(0, samples, 8):
             gens = await asyncio.gather(*(
                 router.generate(prompt, SamplingParams(max_tokens=2, temperature=temperature, top_p=top_p,
@@ -248,13 +276,23 @@ def test_seeded_sampling_has_the_verifiers_exact_distribution(top_p, vllm_server
                 for seed in range(start, min(start + 8, samples))
             ))  # fmt: skip
             for g in gens:
-                firsts[g.token_ids[0]] += 1
+                assert len(g.token_ids) == 2, g.token_ids
+                pairs[tuple(g.token_ids)] += 1
                 drafted += g.stats.draft_tokens
                 accepted += g.stats.accepted_tokens
-        return firsts, drafted, accepted
+        return pairs, drafted, accepted
 
-    firsts, drafted, accepted = asyncio.run(sample_all())
+    pairs, drafted, accepted = asyncio.run(sample_all())
+    firsts = Counter()
+    for (a, _), n in pairs.items():
+        firsts[a] += n
     observed = [sum(firsts[t] for t in c) for c in cells]
     assert sum(observed) == samples  # nothing outside the support (p = 0 cells would be empty)
     assert chi2_pvalue(observed, [p[c].sum() for c in cells]) > alpha
-    assert 0 < accepted < drafted  # both acceptances and resampling happened
+    size = p.size
+    flat = Counter({a * size + b: n for (a, b), n in pairs.items()})
+    observed_pairs = [sum(flat[i] for i in c) for c in joint_cells]
+    assert sum(observed_pairs) == samples  # no pair outside the joint support
+    assert chi2_pvalue(observed_pairs, [joint_flat[c].sum() for c in joint_cells]) > alpha
+    # Both ways to token 2 happened: a bonus after an accepted draft, and a second round after a rejection.
+    assert 0 < accepted < drafted

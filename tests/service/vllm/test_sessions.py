@@ -27,7 +27,7 @@ def test_a_full_store_refuses_new_sessions_and_idle_ones_expire():
     store = ContextStore(StoreLimits(max_sessions=2, ttl_s=0.3))
     store.resolve("a", 0, [1])
     store.resolve("b", 0, [2])
-    with pytest.raises(StoreFullError, match="2 live sessions"):
+    with pytest.raises(StoreFullError, match="2 live sessions, at the limit --tandem-max-sessions=2"):
         store.resolve("c", 0, [4])  # refused (a 503 at the route), not a live session evicted
     assert store.resolve("a", 1, [3]).tolist() == [1, 3]  # the live ones go on
     assert store.resolve("b", 0, [5]).tolist() == [5]  # a resend of a known session is not a new one
