@@ -17,6 +17,8 @@ Steps, each timed and recorded whether it passes or not (a failed step does not 
    the OpenAI API compared token for token with the same model on CPU in process; then
    aggregate tokens/s at 1 and 8 concurrent streams.
 6. ``bench_core``: the in-process benchmark (speculative vs verifier-only) on the GPU.
+7. ``bench_batching``: the embedded verifier's continuous batching, 1 to 8 concurrent streams,
+   batched vs one pass each (the target: 8 streams at >= 4x the tokens/s of one).
 
 ``--dry-run`` runs every step on CPU with small sizes (the kernels in Triton's interpreter), so
 the script itself is tested where no GPU is; its figures are not GPU figures.
@@ -259,6 +261,21 @@ def step_bench_core(args) -> dict:
     return r
 
 
+def step_bench_batching(args) -> dict:
+    verifier, drafter = default_models(args)
+    out = REPO / "runs" / "gpu_check_bench_batching.json"
+    cmd = [sys.executable, "-m", "loadtests.bench_batching", "--verifier", verifier, "--drafter", drafter,
+           "--json", str(out), "--plot", str(out.with_suffix(".png"))]  # fmt: skip
+    cmd += ["--streams", "1,2", "--max-tokens", "8"] if args.dry_run else ["--device", "cuda", "--streams", "1,2,4,8,16"]
+    r = run(cmd, args.step_timeout * 2, child_env(args.dry_run))
+    if r["rc"] != 0:
+        raise RuntimeError(f"bench_batching failed (exit {r['rc']})")
+    r["results"] = json.loads(out.read_text())
+    if not all(s["greedy_identical"] for s in r["results"]["summary"]):
+        raise RuntimeError("batched greedy output differs from one pass per request")
+    return r
+
+
 STEPS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "environment": step_environment,
     "install": step_install,
@@ -266,6 +283,7 @@ STEPS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "kernel_bench": step_kernel_bench,
     "gateway": step_gateway,
     "bench_core": step_bench_core,
+    "bench_batching": step_bench_batching,
 }
 
 

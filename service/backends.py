@@ -94,7 +94,7 @@ def build_backends(settings: TandemSettings) -> Backends:
         verifier_lm = None
     else:
         verifier_lm = CausalLM(verifier_path, dtype=dtype, device=settings.device)
-        verifier = HFVerifier(verifier_lm)
+        verifier = HFVerifier(verifier_lm, max_batch=settings.max_verify_batch)
         tokenizer = load_tokenizer(settings.tokenizer or verifier_path)
 
     drafter: Drafter | None

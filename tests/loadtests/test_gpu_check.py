@@ -18,7 +18,10 @@ def test_gpu_check_dry_run_passes_every_step(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["dry_run"] and report["failed"] == []
-    assert set(report["steps"]) == {"environment", "install", "kernel_tests", "kernel_bench", "gateway", "bench_core"}
+    assert set(report["steps"]) == {"environment", "install", "kernel_tests", "kernel_bench", "gateway", "bench_core",
+                                    "bench_batching"}
     gateway = report["steps"]["gateway"]
     assert gateway["greedy_identical_to_cpu"] == gateway["greedy_prompts"] > 0
     assert gateway["tokens_per_s_8_streams"] > 0 and report["steps"]["bench_core"]["results"]["machine"]
+    batching = report["steps"]["bench_batching"]["results"]["summary"]
+    assert [s["streams"] for s in batching] == [1, 2, 1, 2] and all(s["greedy_identical"] for s in batching)
