@@ -1,19 +1,23 @@
-"""Continuous batching for the embedded verifier: concurrent requests' verify passes as one forward.
+"""Continuous batching for the in-process models: concurrent requests' passes as one forward.
 
 Each request keeps its own KV cache (a :class:`~decoding.causal_lm.CachedSequence`,
-which rolls back). A batch packs the requests' new tokens (uncached context tail
-plus draft) into one row ``[1, sum(n_i)]`` with per-token positions, so every
-linear layer (reading the weights: the bulk of a decode-sized pass on CPU and GPU
-alike) runs once for the batch, and attention runs per request against that
-request's own cache: ragged, with no padding and no copy of any context into a
-batch tensor. Each request's attention is the same SDPA call on the same keys as
-in an unbatched pass, so batched logits differ from unbatched ones only by the
-rounding of the packed matrix products (see tests/decoding/test_batching.py).
+which rolls back). A batch packs the requests' new tokens (a verify pass: the
+uncached context tail plus the draft; a drafter step: one token) into one row
+``[1, sum(n_i)]`` with per-token positions, so every linear layer (reading the
+weights: the bulk of a decode-sized pass on CPU and GPU alike) runs once for the
+batch, and attention runs per request against that request's own cache: ragged,
+with no padding and no copy of any context into a batch tensor. Each request's
+attention is the same SDPA call on the same keys as in an unbatched pass, so
+batched logits differ from unbatched ones only by the rounding of the packed
+matrix products (see tests/decoding/test_batching.py).
 
-Batches form the way vLLM's scheduler forms them, at the granularity of a round:
-while one pass runs on the model's worker thread, the verify requests that arrive
-queue up, and the next pass takes all of them (up to ``max_batch``). A lone
-request never waits for company.
+Batches form the way vLLM's scheduler forms them, one pass at a time: while a
+pass runs on the model's worker thread, the passes requested meanwhile queue up,
+and the next pass takes all of them (up to ``max_batch``). A lone request never
+waits for company.
+
+:class:`AcceptBatcher` does the same for the verification maths: the rounds that
+resume together after a batched verify pass share one kernel call.
 """
 
 from __future__ import annotations
@@ -87,33 +91,44 @@ def enable_ragged(model: PreTrainedModel) -> None:
     model.set_attn_implementation(RAGGED_ATTENTION)
 
 
+def batcher_for(lm: CausalLM, max_batch: int) -> ForwardBatcher | None:
+    """A batcher for ``lm`` when ``max_batch > 1`` and its family supports batching, else None (one pass each)."""
+    if max_batch <= 1:
+        return None
+    if not supports_ragged(lm.model):
+        log.warning("%s (%s) runs one request per pass: batching supports %s without a sliding window",
+                    lm.name, lm.model.config.model_type, ", ".join(sorted(RAGGED_MODEL_TYPES)))  # fmt: skip
+        return None
+    enable_ragged(lm.model)
+    return ForwardBatcher(lm, max_batch)
+
+
 @dataclass
-class VerifyPass:
-    """One request's part of a batched pass: feed its uncached context tail plus ``draft``."""
+class ForwardPass:
+    """One request's part of a batched pass: feed ``tokens`` after ``seq``'s cached ones, keep the last ``keep`` rows."""
 
     seq: CachedSequence
-    draft: list[int]
-    future: asyncio.Future = field(repr=False)
+    tokens: list[int]
+    keep: int
+    future: asyncio.Future | None = field(default=None, repr=False)
 
 
 @torch.inference_mode()
-def forward_ragged(lm: CausalLM, passes: Sequence[VerifyPass]) -> list[torch.Tensor]:
+def forward_ragged(lm: CausalLM, passes: Sequence[ForwardPass]) -> list[torch.Tensor]:
     """One forward pass over every request in ``passes``; runs on the model's worker thread.
 
-    Returns, per request, logits [k+1, V] float32 (k = len(draft)): row i is the
-    distribution after the context and ``draft[:i]``, as :meth:`CachedSequence.feed`.
+    Returns, per request, logits [keep, V] float32 for its last ``keep`` fed tokens, as
+    :meth:`CachedSequence.feed` does: row i is the distribution of the token after
+    ``tokens[len - keep + i]``.
     """
     tokens: list[int] = []
     positions: list[int] = []
     rows: list[int] = []  # packed indices of the logits each request needs
-    fed: list[list[int]] = []
     for p in passes:
-        new = p.seq.pending() + p.draft
         past = len(p.seq.cached)
-        tokens += new
-        positions += range(past, past + len(new))
-        rows += range(len(tokens) - len(p.draft) - 1, len(tokens))
-        fed.append(new)
+        tokens += p.tokens
+        positions += range(past, past + len(p.tokens))
+        rows += range(len(tokens) - p.keep, len(tokens))
     device = lm.device
     try:
         out = lm.model(
@@ -121,7 +136,7 @@ def forward_ragged(lm: CausalLM, passes: Sequence[VerifyPass]) -> list[torch.Ten
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,  # each request's cache is updated inside ragged_attention
             logits_to_keep=torch.tensor(rows, device=device),
-            ragged=[(p.seq, len(new)) for p, new in zip(passes, fed)],
+            ragged=[(p.seq, len(p.tokens)) for p in passes],
         )
     except BaseException:
         # Some layers may have appended to some caches: those caches start again from the prompt.
@@ -131,16 +146,16 @@ def forward_ragged(lm: CausalLM, passes: Sequence[VerifyPass]) -> list[torch.Ten
     logits = lm.full_logits(out.logits[0].float())
     results = []
     start = 0
-    for p, new in zip(passes, fed):
-        p.seq.fed(new)
+    for p in passes:
+        p.seq.fed(p.tokens)
         p.seq.forward_passes += 1
-        results.append(logits[start : start + len(p.draft) + 1])
-        start += len(p.draft) + 1
+        results.append(logits[start : start + p.keep])
+        start += p.keep
     return results
 
 
-class VerifyBatcher:
-    """Runs the verify passes of concurrent requests on one model as batched forwards.
+class ForwardBatcher:
+    """Runs the passes that concurrent requests ask of one model as batched forwards.
 
     ``feed`` is awaited by each request's session; a background task takes every
     pass queued at the moment the worker is free (up to ``max_batch``) and runs them
@@ -153,17 +168,20 @@ class VerifyBatcher:
             raise ValueError(f"a batcher needs max_batch >= 2, got {max_batch}")
         self.lm = lm
         self.max_batch = max_batch
-        self._queue: list[VerifyPass] = []
+        self._queue: list[ForwardPass] = []
         self._runner: asyncio.Task | None = None
         #: Sizes of the batches run so far, for tests and the benchmark.
         self.batch_sizes: list[int] = []
 
-    async def feed(self, seq: CachedSequence, draft: Sequence[int]) -> torch.Tensor:
-        """Score ``seq``'s context followed by ``draft``: logits [k+1, V] float32 on the model's device."""
+    async def feed(self, seq: CachedSequence, tokens: Sequence[int], keep: int = 1) -> torch.Tensor:
+        """Feed ``tokens`` after ``seq``'s cached ones (see :meth:`CachedSequence.pending`).
+
+        Returns logits [keep, V] float32 on the model's device for the last ``keep`` tokens.
+        """
         future = asyncio.get_running_loop().create_future()
-        self._queue.append(VerifyPass(seq, list(draft), future))
+        self._queue.append(ForwardPass(seq, list(tokens), keep, future))
         if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run(), name=f"verify-batcher-{self.lm.name}")
+            self._runner = asyncio.create_task(self._run(), name=f"batcher-{self.lm.name}")
         return await future
 
     async def _run(self) -> None:

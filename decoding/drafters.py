@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from decoding.batching import batcher_for
 from decoding.causal_lm import CachedSequence, CausalLM
 from decoding.logits_processors import LogitsPipeline
 from decoding.sampling import SamplingParams, logits_to_probs, sample
@@ -80,14 +81,21 @@ class Drafter(Protocol):
 
 
 class HFDrafter:
-    """A small local Hugging Face causal LM as the drafter."""
+    """A small local Hugging Face causal LM as the drafter.
 
-    def __init__(self, lm: CausalLM, cost_ratio: float = 0.1):
+    With ``max_batch > 1`` the drafting steps of concurrent requests that are ready
+    at the same moment run as one forward (:mod:`decoding.batching`).
+    """
+
+    def __init__(self, lm: CausalLM, cost_ratio: float = 0.1, *, max_batch: int = 1):
         self.lm = lm
         self.name = lm.name
         self.vocab_size = lm.vocab_size
         self.device = lm.device
         self.cost_ratio = cost_ratio
+        self.batcher = batcher_for(lm, max_batch)
+        #: Open sessions: a lone one drafts its k steps in one hand-off to the worker thread.
+        self.sessions = 0
 
     @classmethod
     def from_pretrained(cls, path: str | Path, cost_ratio: float = 0.1, **kwargs) -> HFDrafter:
@@ -100,68 +108,96 @@ class HFDrafter:
         generator: torch.Generator,
         processing: LogitsPipeline | None = None,
     ) -> HFDraftSession:
-        return HFDraftSession(self.lm.sequence(prompt_ids), params, generator, processing)
+        return HFDraftSession(self, self.lm.sequence(prompt_ids), params, generator, processing)
 
     async def aclose(self) -> None:
         self.lm.close()
 
 
+class _DraftStep:
+    """What a round's drafting steps accumulate: each step turns the row after the tokens drafted
+    so far into the next draft token."""
+
+    def __init__(self, session: HFDraftSession):
+        self.session = session
+        self.tokens: list[int] = []
+        self.probs: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []
+
+    def take(self, logits: torch.Tensor) -> int:
+        """logits [1, V] float32: the drafter's row after the context and ``self.tokens``; returns the next draft."""
+        s = self.session
+        if s.processing is not None:
+            # The same processing the verifier's row at this position gets.
+            s.processing.constrain(logits, self.tokens)
+            if s.keep_logits:
+                self.kept.append(logits[0].clone())
+            s.processing.process(logits, self.tokens)
+        elif s.keep_logits:
+            self.kept.append(logits[0])
+        if s.params.greedy:
+            token = int(logits.argmax(dim=-1))
+        else:
+            q = logits_to_probs(logits, s.params)
+            token = int(sample(q, s.generator))
+            self.probs.append(q[0])
+        self.tokens.append(token)
+        return token
+
+    def draft(self) -> Draft:
+        # The last draft is never fed: if it is accepted, the next round feeds it
+        # together with the bonus token in one pass.
+        return Draft(tokens=self.tokens, probs=torch.stack(self.probs) if self.probs else None,
+                     logits=torch.stack(self.kept) if self.kept else None)  # fmt: skip
+
+
 class HFDraftSession:
     def __init__(
         self,
+        drafter: HFDrafter,
         seq: CachedSequence,
         params: SamplingParams,
         generator: torch.Generator,
         processing: LogitsPipeline | None = None,
     ):
+        self.drafter = drafter
         self.seq = seq
         self.params = params
         self.generator = generator
         self.processing = processing
         self.keep_logits = params.logprobs is not None
+        drafter.sessions += 1
 
     @property
     def forward_passes(self) -> int:
         return self.seq.forward_passes
 
-    def _propose(self, k: int) -> Draft:
-        tokens: list[int] = []
-        probs: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        feed = self.seq.pending()
-        for _ in range(k):
-            logits = self.seq.feed(feed, keep=1)  # [1, V]
-            if self.processing is not None:
-                # The row after the tokens drafted so far this round: the same processing the
-                # verifier's row at this position gets.
-                self.processing.constrain(logits, tokens)
-                if self.keep_logits:
-                    kept.append(logits[0].clone())
-                self.processing.process(logits, tokens)
-            elif self.keep_logits:
-                kept.append(logits[0])
-            if self.params.greedy:
-                token = int(logits.argmax(dim=-1))
-            else:
-                q = logits_to_probs(logits, self.params)
-                token = int(sample(q, self.generator))
-                probs.append(q[0])
-            tokens.append(token)
-            feed = [token]
-        # The last draft is never fed: if it is accepted, the next round feeds it
-        # together with the bonus token in one pass.
-        return Draft(tokens=tokens, probs=torch.stack(probs) if probs else None,
-                     logits=torch.stack(kept) if kept else None)  # fmt: skip
-
     async def propose(self, k: int) -> Draft:
         if k <= 0:
             return EMPTY_DRAFT
-        return await self.seq.lm.run(self._propose, k)
+        batcher = self.drafter.batcher
+        if batcher is None or self.drafter.sessions == 1:  # all k steps on the worker: one hand-off
+            return await self.seq.lm.run(self._propose, k)
+        # One step at a time, each in a pass shared with the other requests drafting now.
+        step = _DraftStep(self)
+        feed = self.seq.pending()
+        for _ in range(k):
+            feed = [step.take(await batcher.feed(self.seq, feed))]
+        return step.draft()
+
+    def _propose(self, k: int) -> Draft:
+        step = _DraftStep(self)
+        feed = self.seq.pending()
+        for _ in range(k):
+            feed = [step.take(self.seq.feed(feed, keep=1))]
+        return step.draft()
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.seq.extend(tokens)
 
     async def close(self) -> None:
+        if self.seq is not None:
+            self.drafter.sessions -= 1
         self.seq = None  # type: ignore[assignment]
 
 

@@ -12,19 +12,16 @@ vLLM-hosted and split-inference backends implement the same protocol.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from decoding.batching import RAGGED_MODEL_TYPES, VerifyBatcher, enable_ragged, supports_ragged
+from decoding.batching import ForwardBatcher, batcher_for
 from decoding.causal_lm import CachedSequence, CausalLM
 from decoding.events import TransportEvent
 from decoding.sampling import SamplingParams
-
-log = logging.getLogger(__name__)
 
 
 class VerifierUnavailableError(RuntimeError):
@@ -101,14 +98,7 @@ class HFVerifier:
         self.name = lm.name
         self.vocab_size = lm.vocab_size
         self.max_context = lm.max_context
-        self.batcher: VerifyBatcher | None = None
-        if max_batch > 1:
-            if supports_ragged(lm.model):
-                enable_ragged(lm.model)
-                self.batcher = VerifyBatcher(lm, max_batch)
-            else:
-                log.warning("verifier %s (%s) verifies one request per pass: batching supports %s without a "
-                            "sliding window", lm.name, lm.model.config.model_type, ", ".join(sorted(RAGGED_MODEL_TYPES)))  # fmt: skip
+        self.batcher = batcher_for(lm, max_batch)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> HFVerifier:
@@ -138,7 +128,7 @@ class HFVerifier:
 class HFVerifySession:
     last_transport = None  # in process: nothing crosses a network
 
-    def __init__(self, seq: CachedSequence, batcher: VerifyBatcher | None = None):
+    def __init__(self, seq: CachedSequence, batcher: ForwardBatcher | None = None):
         self.seq = seq
         self.batcher = batcher
 
@@ -148,7 +138,7 @@ class HFVerifySession:
 
     async def score(self, draft: Sequence[int]) -> torch.Tensor:
         if self.batcher is not None:
-            return await self.batcher.feed(self.seq, draft)
+            return await self.batcher.feed(self.seq, self.seq.pending() + list(draft), keep=len(draft) + 1)
 
         def run() -> torch.Tensor:
             # One pass over the uncached context tail plus the whole draft.

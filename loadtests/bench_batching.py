@@ -1,9 +1,10 @@
 """Benchmark of the embedded verifier's continuous batching: concurrent streams, batched vs one pass each.
 
 For 1, 2, 4, 8 ... concurrent streams it runs the same prompts through the in-process
-router twice, with the verifier batching concurrent verify passes (``max_verify_batch``)
-and with one request per pass, and reports aggregate tokens/s, the mean batch the
-verifier ran, and whether greedy outputs are identical. Both verifiers share one model.
+router twice, with the models batching concurrent requests' passes (``max_batch``: the
+verifier's verify passes and the drafter's steps) and with one request per pass, and
+reports aggregate tokens/s, the mean batch each model ran, and whether greedy outputs
+are identical. Both configurations share the same two models.
 
     python -m loadtests.bench_batching --streams 1,4,8 --json runs/batching.json --plot runs/batching.png
 """
@@ -39,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--verifier", help="verifier model dir (default: the default pair: the real one once installed)")
     p.add_argument("--drafter", help="drafter model dir or 'ngram' (default: the default pair)")
     p.add_argument("--streams", default="1,2,4,8", help="comma-separated concurrency levels (default: 1,2,4,8)")
-    p.add_argument("--max-batch", type=int, default=8, help="the batching verifier's max_verify_batch (default: 8)")
+    p.add_argument("--max-batch", type=int, default=8, help="max_batch of the batched configuration (default: 8)")
     p.add_argument("--modes", default="verifier-only,speculative", help="comma-separated modes (default: both)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default: 64)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per stream (default: 48)")
@@ -69,16 +70,18 @@ async def main_async(args: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(verifier_dir)
     dtype = getattr(torch, args.dtype)
     vlm = CausalLM(verifier_dir, dtype=dtype, device=args.device)
-    if drafter_arg == "ngram":
-        drafter = NgramDrafter(vlm.vocab_size)
-    else:
-        dlm = CausalLM(drafter_arg, dtype=dtype, device=args.device)
-        drafter = HFDrafter(dlm, cost_ratio=dlm.num_parameters / vlm.num_parameters)
-    # Both verifiers share the model: batching only changes how passes are grouped.
+    # Both configurations share the models: batching only changes how passes are grouped.
     verifiers = {"one pass each": HFVerifier(vlm), "batched": HFVerifier(vlm, max_batch=args.max_batch)}
     if verifiers["batched"].batcher is None:
-        raise SystemExit(f"{verifier_dir}: this model family does not support batched verification")
-    routers = {name: SpeculativeRouter(v, drafter, tokenizer) for name, v in verifiers.items()}
+        raise SystemExit(f"{verifier_dir}: this model family does not support batched passes")
+    if drafter_arg == "ngram":
+        drafters = dict.fromkeys(verifiers, NgramDrafter(vlm.vocab_size))
+    else:
+        dlm = CausalLM(drafter_arg, dtype=dtype, device=args.device)
+        ratio = dlm.num_parameters / vlm.num_parameters
+        drafters = {"one pass each": HFDrafter(dlm, cost_ratio=ratio),
+                    "batched": HFDrafter(dlm, cost_ratio=ratio, max_batch=args.max_batch)}  # fmt: skip
+    routers = {name: SpeculativeRouter(v, drafters[name], tokenizer) for name, v in verifiers.items()}
     streams = [int(s) for s in args.streams.split(",")]
     modes = args.modes.split(",")
     prompts = bench_prompts(tokenizer, max(streams), args.prompt_tokens, args.seed)
@@ -89,15 +92,17 @@ async def main_async(args: argparse.Namespace) -> dict:
     rows = []
     configs = [(m, n, name) for m in modes for n in streams for name in routers]
     for mode, n, name in tqdm(configs, desc="configurations", unit="run", file=sys.stderr):
-        batcher = verifiers[name].batcher
-        if batcher is not None:
-            batcher.batch_sizes.clear()
+        batchers = {"verifier": verifiers[name].batcher, "drafter": getattr(drafters[name], "batcher", None)}
+        for b in batchers.values():
+            if b is not None:
+                b.batch_sizes.clear()
         wall, outputs = await run_streams(routers[name], prompts[:n], params, SpecOptions(mode=mode))
         tokens = sum(len(o) for o in outputs)
         rows.append({
             "mode": mode, "streams": n, "verifier": name, "wall_s": wall, "tokens": tokens,
             "tokens_per_s": tokens / wall,
-            "mean_batch": statistics.fmean(batcher.batch_sizes) if batcher and batcher.batch_sizes else 1.0,
+            **{f"mean_{m}_batch": statistics.fmean(b.batch_sizes) if b and b.batch_sizes else 1.0
+               for m, b in batchers.items()},
             "outputs": outputs,
         })  # fmt: skip
     summary = []
@@ -111,7 +116,8 @@ async def main_async(args: argparse.Namespace) -> dict:
                 "tokens_per_s_one_pass_each": one["tokens_per_s"], "tokens_per_s_batched": bat["tokens_per_s"],
                 "batched_over_one_pass_each": bat["tokens_per_s"] / one["tokens_per_s"],
                 "batched_over_fewest_streams": bat["tokens_per_s"] / single["tokens_per_s"],
-                "mean_batch": bat["mean_batch"],
+                "mean_verifier_batch": bat["mean_verifier_batch"],
+                "mean_drafter_batch": bat["mean_drafter_batch"],
                 "greedy_identical": None if args.temperature > 0 else one["outputs"] == bat["outputs"],
             })  # fmt: skip
     for r in rows:
@@ -131,10 +137,11 @@ async def main_async(args: argparse.Namespace) -> dict:
 def print_report(r: dict) -> None:
     print(f"verifier {r['verifier']}, drafter {r['drafter']}, device {r['machine']['device']}\n")
     print("| mode | streams | tok/s one pass each | tok/s batched | batched / one each | vs fewest streams | "
-          "mean batch | greedy identical |\n|---|---:|---:|---:|---:|---:|---:|---|")  # fmt: skip
+          "mean batch verifier / drafter | greedy identical |\n|---|---:|---:|---:|---:|---:|---:|---|")  # fmt: skip
     for s in r["summary"]:
         print(f"| {s['mode']} | {s['streams']} | {s['tokens_per_s_one_pass_each']:.1f} | {s['tokens_per_s_batched']:.1f} "
-              f"| {s['batched_over_one_pass_each']:.2f}x | {s['batched_over_fewest_streams']:.2f}x | {s['mean_batch']:.2f} "
+              f"| {s['batched_over_one_pass_each']:.2f}x | {s['batched_over_fewest_streams']:.2f}x "
+              f"| {s['mean_verifier_batch']:.2f} / {s['mean_drafter_batch']:.2f} "
               f"| {s['greedy_identical']} |")  # fmt: skip
 
 

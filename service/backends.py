@@ -94,7 +94,7 @@ def build_backends(settings: TandemSettings) -> Backends:
         verifier_lm = None
     else:
         verifier_lm = CausalLM(verifier_path, dtype=dtype, device=settings.device)
-        verifier = HFVerifier(verifier_lm, max_batch=settings.max_verify_batch)
+        verifier = HFVerifier(verifier_lm, max_batch=settings.max_batch)
         tokenizer = load_tokenizer(settings.tokenizer or verifier_path)
 
     drafter: Drafter | None
@@ -113,7 +113,7 @@ def build_backends(settings: TandemSettings) -> Backends:
         ratio = settings.draft_cost_ratio
         if ratio is None:
             ratio = drafter_lm.num_parameters / verifier_lm.num_parameters if verifier_lm else 0.1
-        drafter = HFDrafter(drafter_lm, cost_ratio=ratio)
+        drafter = HFDrafter(drafter_lm, cost_ratio=ratio, max_batch=settings.max_batch)
 
     router = SpeculativeRouter(
         verifier, drafter, tokenizer, spec_options(settings), settings.kernel_backend, settings.verifier_fallback

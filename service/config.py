@@ -90,9 +90,10 @@ class TorchSettings(SettingsGroup):
         None, ge=1, description="Torch intra-op threads of the in-process models. Default: torch's choice, one per "
         "core. Models of a few million parameters run faster on 1: see BENCHMARKS.md.",
     )
-    max_verify_batch: int = Field(
-        8, ge=1, le=256, description="Embedded verifier: the most concurrent requests whose verify passes run as "
-        "one forward pass (continuous batching, per-request KV caches); 1 runs one request per pass.",
+    max_batch: int = Field(
+        8, ge=1, le=256, description="The most concurrent requests whose passes an in-process model runs as one "
+        "forward (continuous batching with per-request KV caches: the verifier's verify passes, the drafter's "
+        "steps); 1 runs one request per pass.",
     )
 
 

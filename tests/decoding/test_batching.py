@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 
-from decoding.batching import AcceptBatcher, VerifyBatcher, VerifyPass, enable_ragged, forward_ragged
+from decoding.batching import AcceptBatcher, ForwardBatcher, ForwardPass, enable_ragged, forward_ragged
 from decoding.causal_lm import CausalLM
 from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
@@ -36,6 +36,13 @@ def batching_lm(tiny_verifier_dir):
     lm.close()
 
 
+@pytest.fixture(scope="module")
+def batching_drafter_lm(tiny_drafter_dir):
+    lm = CausalLM(tiny_drafter_dir)
+    yield lm
+    lm.close()
+
+
 def test_ragged_forward_matches_one_pass_per_request(batching_lm, tiny_verifier_lm):
     """Mixed context lengths, cached prefixes and draft lengths (0 included): each request's
     logits equal its own unbatched pass, and its cache ends in the same state."""
@@ -51,7 +58,7 @@ def test_ragged_forward_matches_one_pass_per_request(batching_lm, tiny_verifier_
             alone.feed(ids[:cached])
             batched.feed(ids[:cached])
         expected.append((alone.feed(alone.pending() + draft, keep=k + 1), alone))
-        passes.append(VerifyPass(batched, draft, future=None))
+        passes.append(ForwardPass(batched, batched.pending() + draft, keep=k + 1))
     got = forward_ragged(batching_lm, passes)
     for (want, alone), rows, p in zip(expected, got, passes):
         assert rows.shape == want.shape
@@ -69,23 +76,27 @@ async def _generate_all(router, prompts, params, options):
 
 
 @pytest.mark.parametrize("drafter_kind", ["model", "ngram"])
-def test_batched_router_is_token_identical_to_unbatched(drafter_kind, batching_lm, tiny_verifier_lm, tiny_drafter_lm,
-                                                        tiny_tokenizer):  # fmt: skip
+def test_batched_router_is_token_identical_to_unbatched(drafter_kind, batching_lm, batching_drafter_lm,
+                                                        tiny_verifier_lm, tiny_drafter_lm, tiny_tokenizer):  # fmt: skip
     """Six concurrent greedy requests with mixed, adaptive draft lengths: identical tokens, and
-    the verifier really ran passes of several requests at once."""
-    def drafter():
-        return HFDrafter(tiny_drafter_lm, cost_ratio=0.1) if drafter_kind == "model" else NgramDrafter(tiny_verifier_lm.vocab_size)
+    the verifier (and the model drafter) really ran passes of several requests at once."""
+    def drafter(max_batch):
+        if drafter_kind == "ngram":
+            return NgramDrafter(tiny_verifier_lm.vocab_size)
+        return HFDrafter(batching_drafter_lm if max_batch > 1 else tiny_drafter_lm, cost_ratio=0.1, max_batch=max_batch)
 
     options = SpecOptions(num_draft_tokens=3, min_draft_tokens=1, max_draft_tokens=8)
     params = SamplingParams(max_tokens=32)
-    alone = SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafter(), tiny_tokenizer, options)
-    batched_verifier = HFVerifier(batching_lm, max_batch=4)
-    batched = SpeculativeRouter(batched_verifier, drafter(), tiny_tokenizer, options)
+    alone = SpeculativeRouter(HFVerifier(tiny_verifier_lm), drafter(1), tiny_tokenizer, options)
+    batched = SpeculativeRouter(HFVerifier(batching_lm, max_batch=4), drafter(4), tiny_tokenizer, options)
     want = asyncio.run(_generate_all(alone, PROMPTS, params, options))
     got = asyncio.run(_generate_all(batched, PROMPTS, params, options))
     assert got == want
-    sizes = batched_verifier.batcher.batch_sizes
+    sizes = batched.verifier.batcher.batch_sizes
     assert max(sizes) > 1 and max(sizes) <= 4, sizes
+    if drafter_kind == "model":  # the drafter's steps shared passes too
+        sizes = batched.drafter.batcher.batch_sizes
+        assert max(sizes) > 1 and max(sizes) <= 4, sizes
 
 
 def test_concurrent_sampled_rounds_share_one_kernel_call_and_keep_their_seeds(batching_lm, tiny_verifier_lm,
@@ -250,4 +261,4 @@ def test_a_failed_pass_fails_its_batch_and_the_next_round_recomputes(batching_lm
 
 def test_max_batch_must_be_at_least_two(batching_lm):
     with pytest.raises(ValueError, match="max_batch >= 2"):
-        VerifyBatcher(batching_lm, 1)
+        ForwardBatcher(batching_lm, 1)
