@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from decoding.causal_lm import CausalLM, load_tokenizer
-from decoding.default_models import default_pair
+from decoding.causal_lm import CausalLM
 from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier
-from loadtests.bench_core import bench_prompts
+from loadtests.bench_core import bench_prompts, open_verifier
 from loadtests.load.report import write_json
 
 
@@ -62,14 +61,8 @@ async def run_streams(router: SpeculativeRouter, prompts, params, options) -> tu
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    default_verifier, default_drafter = default_pair()
-    verifier_dir = Path(args.verifier or default_verifier)
-    drafter_arg = args.drafter or str(default_drafter)
-    tokenizer = load_tokenizer(verifier_dir)
-    dtype = getattr(torch, args.dtype)
-    vlm = CausalLM(verifier_dir, dtype=dtype, device=args.device)
+    verifier_dir, drafter_arg, tokenizer, vlm = open_verifier(args)
+    dtype = vlm.model.dtype
     # Both configurations share the models: batching only changes how passes are grouped.
     verifiers = {"one pass each": HFVerifier(vlm), "batched": HFVerifier(vlm, max_batch=args.max_batch)}
     if verifiers["batched"].batcher is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from decoding.causal_lm import CausalLM, load_tokenizer
 from decoding.default_models import default_pair
@@ -134,15 +135,20 @@ async def run_mode(router, prompts, params, options, timers, desc) -> dict:
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict:
+def open_verifier(args: argparse.Namespace) -> tuple[Path, str, PreTrainedTokenizerBase, CausalLM]:
+    """Apply --threads and load the verifier of --verifier (default: the default pair) on --device
+    in --dtype; returns (verifier dir, drafter argument, tokenizer, verifier model)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     default_verifier, default_drafter = default_pair()
     verifier_dir = Path(args.verifier or default_verifier)
-    drafter_arg = args.drafter or str(default_drafter)
-    tokenizer = load_tokenizer(verifier_dir)
-    dtype = getattr(torch, args.dtype)
-    vlm = CausalLM(verifier_dir, dtype=dtype, device=args.device)
+    vlm = CausalLM(verifier_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    return verifier_dir, args.drafter or str(default_drafter), load_tokenizer(verifier_dir), vlm
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    verifier_dir, drafter_arg, tokenizer, vlm = open_verifier(args)
+    dtype = vlm.model.dtype
     timers = [ForwardTimer(vlm)]
     if drafter_arg == "ngram":
         drafter = NgramDrafter(vlm.vocab_size)

@@ -16,15 +16,9 @@ from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import SamplingParams
 from decoding.speculative import SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier
+from tests.support.prompts import CODE_PROMPTS
 
-PROMPTS = [
-    "def main():",
-    "import os\nimport sys\n",
-    "class Foo(Bar):\n    def __init__(self",
-    "x = [i * i for i in range(",
-    "for i in range(10):\n    for i in range(10):\n        for i in range(",
-    "return self._value\n\nreturn self._value\n\nreturn self.",
-]
+PROMPTS = CODE_PROMPTS
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,10 @@ from decoding.drafters import HFDrafter, NgramDrafter
 from decoding.sampling import InvalidRequestError, SamplingParams, logits_to_probs
 from decoding.speculative import Generators, SpecOptions, SpeculativeRouter
 from decoding.verifiers import HFVerifier
+from tests.support.prompts import CODE_PROMPTS
 from tests.support.stats import chi2_pvalue
 
-PROMPTS = [
-    "def main():",
-    "import os\nimport sys\n",
-    "class Foo(Bar):\n    def __init__(self",
-    "x = [i * i for i in range(",
-    "for i in range(10):\n    for i in range(10):\n        for i in range(",
-    "return self._value\n\nreturn self._value\n\nreturn self.",
-]
+PROMPTS = CODE_PROMPTS
 VERIFIER_ONLY = SpecOptions(mode="verifier-only")
 
 
