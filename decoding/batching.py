@@ -52,31 +52,37 @@ def ragged_attention(
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
     *,
-    ragged: Sequence[tuple[CachedSequence, int]] | None = None,
+    ragged: Sequence[tuple[CachedSequence, int, torch.Tensor | None]] | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """SDPA over packed requests, each against its own KV cache.
 
     query [1, Hq, N, D], key/value [1, Hkv, N, D]: the new tokens of every request in the
-    batch, packed (N = sum of ``n``), RoPE applied. ``ragged`` lists (sequence, n) in packing
-    order; each request's keys and values are appended to its own cache. Returns the attention
-    output [1, N, Hq, D], as transformers' attention functions do. Without ``ragged`` this is
-    plain SDPA (an unbatched pass with the mask transformers built).
+    batch, packed (N = sum of ``n``), RoPE applied. ``ragged`` lists (sequence, n, mask) in
+    packing order, mask [1, 1, n, past + n] bool or None for n = 1 (see :func:`causal_tail_mask`);
+    each request's keys and values are appended to its own cache. Returns the attention output
+    [1, N, Hq, D], as transformers' attention functions do. Without ``ragged`` this is plain
+    SDPA (an unbatched pass with the mask transformers built).
     """
     if ragged is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = []
     start = 0
-    for seq, n in ragged:
+    for seq, n, mask in ragged:
         end = start + n
         k, v = seq.cache.update(key[:, :, start:end], value[:, :, start:end], module.layer_idx)
-        total = k.shape[2]
-        # The n new tokens are the last n of the request's context: token j sees keys 0 .. total-n+j.
-        mask = None if n == 1 else torch.ones(n, total, dtype=torch.bool, device=query.device).tril(total - n)[None, None]
         out, _ = sdpa_attention_forward(module, query[:, :, start:end], k, v, mask, **kwargs)
         outputs.append(out)
         start = end
     return torch.cat(outputs, dim=1), None
+
+
+def causal_tail_mask(past: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """Mask [1, 1, n, past + n] bool for n new tokens after ``past`` cached ones: token j sees keys
+    0 .. past + j. None for one token, which sees every key."""
+    if n == 1:
+        return None
+    return torch.ones(n, past + n, dtype=torch.bool, device=device).tril(past)[None, None]
 
 
 def supports_ragged(model: PreTrainedModel) -> bool:
@@ -105,7 +111,8 @@ def batcher_for(lm: CausalLM, max_batch: int) -> ForwardBatcher | None:
 
 @dataclass
 class ForwardPass:
-    """One request's part of a batched pass: feed ``tokens`` after ``seq``'s cached ones, keep the last ``keep`` rows."""
+    """One request's part of a batched pass: feed ``tokens`` after ``seq``'s cached ones and
+    return the logits of the last ``keep`` of them."""
 
     seq: CachedSequence
     tokens: list[int]
@@ -136,7 +143,9 @@ def forward_ragged(lm: CausalLM, passes: Sequence[ForwardPass]) -> list[torch.Te
             position_ids=torch.tensor([positions], device=device),
             use_cache=False,  # each request's cache is updated inside ragged_attention
             logits_to_keep=torch.tensor(rows, device=device),
-            ragged=[(p.seq, len(p.tokens)) for p in passes],
+            ragged=[
+                (p.seq, len(p.tokens), causal_tail_mask(len(p.seq.cached), len(p.tokens), device)) for p in passes
+            ],
         )
     except BaseException:
         # Some layers may have appended to some caches: those caches start again from the prompt.
