@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -179,8 +180,8 @@ class ForwardBatcher:
         self.max_batch = max_batch
         self._queue: list[ForwardPass] = []
         self._runner: asyncio.Task | None = None
-        #: Sizes of the batches run so far, for tests and the benchmark.
-        self.batch_sizes: list[int] = []
+        #: Sizes of the latest batches (bounded: a server runs for days), for tests and the benchmark.
+        self.batch_sizes: deque[int] = deque(maxlen=4096)
 
     async def feed(self, seq: CachedSequence, tokens: Sequence[int], keep: int = 1) -> torch.Tensor:
         """Feed ``tokens`` after ``seq``'s cached ones (see :meth:`CachedSequence.pending`).
@@ -239,8 +240,8 @@ class AcceptBatcher:
     def __init__(self, backend: str = "auto"):
         self.backend = backend
         self._pending: list[_Round] = []
-        #: Sizes of the kernel calls made so far, for tests and the benchmark.
-        self.call_sizes: list[int] = []
+        #: Sizes of the latest kernel calls (bounded), for tests and the benchmark.
+        self.call_sizes: deque[int] = deque(maxlen=4096)
 
     async def accept(
         self,
