@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -182,6 +182,8 @@ class ForwardBatcher:
         self._runner: asyncio.Task | None = None
         #: Sizes of the latest batches (bounded: a server runs for days), for tests and the benchmark.
         self.batch_sizes: deque[int] = deque(maxlen=4096)
+        #: Called with each batch's size (the gateway's metrics).
+        self.on_batch: Callable[[int], None] | None = None
 
     async def feed(self, seq: CachedSequence, tokens: Sequence[int], keep: int = 1) -> torch.Tensor:
         """Feed ``tokens`` after ``seq``'s cached ones (see :meth:`CachedSequence.pending`).
@@ -201,6 +203,8 @@ class ForwardBatcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 logits = await self.lm.run(forward_ragged, self.lm, batch)
             except Exception as exc:

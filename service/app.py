@@ -45,6 +45,9 @@ def create_app(settings: TandemSettings | None = None, backends: Backends | None
         if gw.backends is None:
             gw.backends = await asyncio.to_thread(build_backends, settings)
         await asyncio.to_thread(log_prompt_bound, gw.backends, settings)  # reads the vocabulary once, off the loop
+        for model, backend in (("verifier", gw.backends.verifier), ("drafter", gw.backends.drafter)):
+            if getattr(backend, "batcher", None) is not None:
+                gw.metrics.observe_batches(model, backend.batcher)
         if gw.backends.split_router is not None:
             split_verifier = gw.backends.split_router.verifier
             gw.metrics.split_sessions.set_function(lambda: split_verifier.open_sessions)

@@ -38,6 +38,7 @@ VERIFY_ROUND_BUCKETS = (0.001, 0.0025, 0.005, *ITL_BUCKETS)
 # A split round is one network step: vLLM's inter-token edges with a finer low end.
 SPLIT_ROUND_BUCKETS = (0.001, 0.005, *ITL_BUCKETS)
 ACCEPTED_PER_ROUND_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32)
+FORWARD_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -251,7 +252,17 @@ class Metrics:
             "Per clean round, its time minus the server's own time on it: the network round trip plus HTTP handling",
             ["backend"], buckets=SPLIT_ROUND_BUCKETS, registry=registry,
         )  # fmt: skip
+        # -- in-process models: continuous batching (decoding/batching.py) --
+        self.forward_batch_size = Histogram(
+            "tandem_forward_batch_size",
+            "Requests in one forward pass of an in-process model (the verifier's verify passes, the drafter's steps)",
+            ["model"], buckets=FORWARD_BATCH_BUCKETS, registry=registry,
+        )  # fmt: skip
         self._export_label_sets(max_draft_tokens)
+
+    def observe_batches(self, model: str, batcher) -> None:
+        """Record the size of every forward pass ``batcher`` (a decoding.batching.ForwardBatcher) runs."""
+        batcher.on_batch = self.forward_batch_size.labels(model).observe
 
     def _export_label_sets(self, max_draft_tokens: int) -> None:
         """Create every fixed-label series at zero (a labelled family has no sample until a child exists)."""
@@ -288,6 +299,8 @@ class Metrics:
         for backend in BACKENDS:
             self.verifier_streamed_tokens.labels(backend)
             self.verifier_rtt.labels(backend)
+        for model in ("verifier", "drafter"):
+            self.forward_batch_size.labels(model)
 
     # -- helpers used by the gateway ------------------------------------------------
 

@@ -17,7 +17,7 @@ NOEOS = {"ignore_eos": True}
 TTFT_EDGES = [.001, .005, .01, .02, .04, .06, .08, .1, .25, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560]
 ITL_EDGES = [.01, .025, .05, .075, .1, .15, .2, .3, .4, .5, .75, 1, 2.5, 5, 7.5, 10, 20, 40, 80]
 E2E_EDGES = [.3, .5, .8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
-ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "backend", "direction", "to", "le"}
+ALLOWED_LABELS = {"route", "status", "mode", "finished_reason", "reason", "position", "kind", "backend", "direction", "to", "model", "le"}
 
 
 def test_metric_families_buckets_and_bounded_labels(server):
@@ -114,6 +114,21 @@ def test_metrics_agree_with_usage(server):
     assert sum_metric(after, "tandem_requests_running") == 0
     assert sum_metric(after, "tandem_requests_waiting") == 0
     assert 1 <= sum_metric(after, "tandem_draft_length_tokens") <= 8
+
+
+def test_forward_batches_are_counted_per_model(server):
+    """Four choices of one verifier-only request step together: the verifier runs their passes as
+    batches, and the histogram counts every request-pass once (12 tokens = 12 passes each)."""
+    before = server.metrics()
+    server.client().completions.create(model="tandem", prompt=PROMPT, max_tokens=12, n=4,
+                                       extra_body={**NOEOS, "tandem": {"mode": "verifier-only"}})  # fmt: skip
+    after = server.metrics()
+
+    def delta(name: str) -> float:
+        return sum_metric(after, name, model="verifier") - sum_metric(before, name, model="verifier")
+
+    assert delta("tandem_forward_batch_size_sum") == 4 * 12
+    assert 0 < delta("tandem_forward_batch_size_count") < 4 * 12  # some passes held several choices
 
 
 def test_rejections_are_counted_by_reason(server):
