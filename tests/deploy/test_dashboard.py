@@ -130,7 +130,7 @@ def test_queries_follow_the_conventions():
         for denominator in re.findall(r"\)\s*/\s*(?:on\(\)\s*group_left\(\)\s*)?(\(.*)", expr):
             assert re.match(r"\(.*>\s*0\)", denominator), f"{title}/{ref}: unguarded denominator in {expr}"
         if "histogram_quantile" in expr:
-            assert "_bucket" in expr and "by (le)" in expr, (title, expr)
+            assert "_bucket" in expr and re.search(r"by \((\w+, )*le\)", expr), (title, expr)  # per series: by (model, le)
         if re.search(r"\b(rate|increase)\(", expr):
             assert "[2m]" in expr, f"{title}/{ref}: use $__rate_interval"
 
