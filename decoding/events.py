@@ -33,6 +33,7 @@ class TransportEvent:
     resync_tokens: int = 0
     tail_mass: float | None = None
     server_s: float | None = None  # the server's own time on the round, when it reports it (RTT = round_s - server_s)
+    cached_tokens: int | None = None  # context positions the server's prefix cache served (vLLM), when it reports them
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,9 @@ class Job:
         self.stop_reasons: list[int | str | None] = [None] * len(self.choices)
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in self.choices]
         self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * len(self.choices)
+        #: Prompt tokens the verifier's prefix cache served, where the backend reports it (vLLM): read off
+        #: the first verify round of the first choice to run one (usage.prompt_tokens_details.cached_tokens).
+        self.cached_tokens: int | None = None
         self._admit: asyncio.Future[Slot] | None = None
         self._t_admitted: float | None = None
         gw.jobs.add(self)
@@ -145,6 +148,7 @@ class Job:
         generated = m.generation_tokens.labels(mode)
         label = "abort"
         t_prev: float | None = None
+        first_round = True  # its context is the prompt: its prefix-cache hits are the prompt's
         deadline = asyncio.timeout_at(self.deadline)
         try:
             stream = self.plan.router.stream(spec.prompt_ids, spec.params, self.plan.options)
@@ -165,6 +169,10 @@ class Job:
                                 m.inter_token_latency.observe(gap)
                         t_prev = now
                     m.observe_round(chunk.event)
+                    transport = chunk.event.transport
+                    if first_round and self.cached_tokens is None and transport and transport.cached_tokens is not None:
+                        self.cached_tokens = min(transport.cached_tokens, self.prompt_tokens)
+                    first_round = False
                     self.texts[spec.index].append(chunk.text)
                     if chunk.logprobs:
                         self.logprobs[spec.index] += chunk.logprobs

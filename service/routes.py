@@ -148,7 +148,7 @@ async def generate(request: Request, body: CompletionRequest | ChatCompletionReq
             else:
                 prompt = plan.choices[i].prompt_ids if body.echo else None
                 out.logprobs, _ = formatter.completion(job.logprobs[i], 0, prompt, job.prompt_logprobs[i])
-    usage = Usage.of(plan.prompt_tokens, job.completion_tokens)
+    usage = Usage.of(plan.prompt_tokens, job.completion_tokens, job.cached_tokens)
     response = reply.response(outputs, usage, TandemStats.of(plan.mode, job.choice_stats))
     return Response(to_json(response), media_type="application/json")
 

@@ -125,7 +125,7 @@ async def stream_events(
     if job.gw.settings.log_prompts:
         job.record.output = job.outputs
     if include_usage:
-        usage = Usage.of(job.prompt_tokens, job.completion_tokens)
+        usage = Usage.of(job.prompt_tokens, job.completion_tokens, job.cached_tokens)
         yield event(to_json(reply.usage_chunk(usage, TandemStats.of(mode, job.choice_stats))))
     yield DONE_EVENT
 

@@ -546,7 +546,7 @@ class VLLMVerifier:
                 backend="vllm", round_s=time.perf_counter() - t0, round_trips=round_trips,
                 bytes_up=bytes_up, bytes_down=bytes_down, retries=retries,
                 resync_reason=resync.reason if resync else None, resync_tokens=resync_tokens, tail_mass=tail,
-                server_s=rows.engine_s,
+                server_s=rows.engine_s, cached_tokens=rows.num_cached_tokens,
             )  # fmt: skip
             session.last_transport = event
             self._record(RoundReport(

@@ -72,6 +72,17 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
     assert grown["round_trips"] == 1 and grown["to_stream"] == 0  # verifier-only streams from the start
 
 
+def test_usage_reports_the_prompt_tokens_vllms_prefix_cache_served(gateway_on_vllm):
+    """usage.prompt_tokens_details.cached_tokens: a new prompt is cold, the same prompt again is served
+    from vLLM's prefix cache (as much as whole cache blocks allow), never more than the prompt."""
+    prompt = f"# {uuid.uuid4().hex}\n" + "def handler(request):\n    return request.json()\n\n" * 12
+    body = {"model": "tandem", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    first, second = (gateway_on_vllm.http.post("/v1/completions", json=body).json()["usage"] for _ in range(2))
+    assert first["prompt_tokens"] == second["prompt_tokens"] > 100
+    cold, warm = first["prompt_tokens_details"]["cached_tokens"], second["prompt_tokens_details"]["cached_tokens"]
+    assert 0 <= cold < warm <= second["prompt_tokens"]
+
+
 def test_a_full_verifier_is_a_503_at_the_gateway_until_a_slot_frees(vllm_replica, vllm_pair, tmp_path):
     """A verifier at its session limit answers a new session's round with 503 verifier_full; the gateway retries
     (TANDEM_VERIFIER_RETRIES), then answers its client 503 verifier_unavailable with Retry-After and the
