@@ -385,7 +385,8 @@ def run_grid(args: argparse.Namespace) -> dict:
     load_avg = {}
 
     if on_tandem:
-        server = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log")
+        server = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log",
+                            env=args.vllm_env)  # fmt: skip
         bar.set_postfix_str("starting tandem verifier")
         server.start()
         drafter = HFDrafter(CausalLM(drafter_dir), cost_ratio=cost_ratio)
@@ -424,7 +425,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         spec = ({"model": str(drafter_dir), "num_speculative_tokens": args.k} if system == "vllm_spec_draft" else
                 {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.ngram_max,
                  "prompt_lookup_min": args.ngram_min})  # fmt: skip
-        peer = VLLMServer(verifier_dir, tandem=False, log_path=work / f"{system}.log",
+        peer = VLLMServer(verifier_dir, tandem=False, log_path=work / f"{system}.log", env=args.vllm_env,
                           extra_args=common + ["--speculative-config", json.dumps(spec)])  # fmt: skip
         bar.set_postfix_str(f"starting {system}")
         try:
@@ -537,7 +538,8 @@ def run(args: argparse.Namespace) -> dict:
     steps = len(args.contexts) * (2 + int(not args.skip_stock)) + len(args.rtts_ms) * 6 + 2
     bar = tqdm(total=steps, desc="bench_vllm", unit="step")
 
-    tandem = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log")
+    tandem = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log",
+                        env=args.vllm_env)  # fmt: skip
     bar.set_postfix_str("starting tandem verifier")
     tandem.start()
     bar.update(1)
@@ -575,7 +577,7 @@ def run(args: argparse.Namespace) -> dict:
         # 2. tokens/s vs RTT
         prompt = corpus[5000 : 5000 + args.gen_context]
         peer = VLLMServer(
-            verifier_dir, tandem=False, log_path=work / "vllm-specdecode.log",
+            verifier_dir, tandem=False, log_path=work / "vllm-specdecode.log", env=args.vllm_env,
             extra_args=common + ["--speculative-config", json.dumps({"model": str(drafter_dir), "num_speculative_tokens": args.k})],
         )
         rows = {}
@@ -708,7 +710,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--vllm-arg", action="append", default=[], help="extra argument for both vLLM servers (repeatable)")
+    p.add_argument("--vllm-arg", action="append", default=[], help="extra argument for every vLLM server (repeatable)")
+    p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every vLLM server (repeatable), e.g. LD_PRELOAD=.../libiomp5.so")  # fmt: skip
     p.add_argument("--workdir", default="runs/bench_vllm")
     p.add_argument("--json", help="write the report as JSON here")
     g = p.add_argument_group("workload grid (--workloads): the real pair's prompts, every vLLM system")
@@ -726,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ngram-max", type=int, default=4, help="vLLM n-gram speculation: prompt_lookup_max (default: 4)")
     g.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the grid")
     args = p.parse_args(argv)
+    if bad := [e for e in args.vllm_env if "=" not in e]:
+        p.error(f"--vllm-env takes KEY=VALUE, got {bad[0]!r}")
+    args.vllm_env = dict(e.split("=", 1) for e in args.vllm_env)
     if args.workloads:
         report = run_grid(args)
         print(format_grid(report))
