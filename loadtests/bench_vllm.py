@@ -388,6 +388,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         server = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log",
                             env=args.vllm_env)  # fmt: skip
         bar.set_postfix_str("starting tandem verifier")
+        load_avg["tandem_verifier"] = {"before": os.getloadavg()}
         server.start()
         drafter = HFDrafter(CausalLM(drafter_dir), cost_ratio=cost_ratio)
 
@@ -417,7 +418,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         try:
             bar.set_postfix_str("vLLM alone and tandem")
             rows += asyncio.run(on_tandem_server())
-            load_avg["tandem_verifier"] = os.getloadavg()
+            load_avg["tandem_verifier"]["after"] = os.getloadavg()
         finally:
             server.stop()
 
@@ -428,6 +429,7 @@ def run_grid(args: argparse.Namespace) -> dict:
         peer = VLLMServer(verifier_dir, tandem=False, log_path=work / f"{system}.log", env=args.vllm_env,
                           extra_args=common + ["--speculative-config", json.dumps(spec)])  # fmt: skip
         bar.set_postfix_str(f"starting {system}")
+        load_avg[system] = {"before": os.getloadavg()}
         try:
             peer.start()
         except (RuntimeError, TimeoutError) as exc:  # a peer that cannot run here is reported, not fatal
@@ -446,14 +448,14 @@ def run_grid(args: argparse.Namespace) -> dict:
         try:
             bar.set_postfix_str(system)
             rows += asyncio.run(on_peer())
-            load_avg[system] = os.getloadavg()
+            load_avg[system]["after"] = os.getloadavg()
         finally:
             peer.stop()
     bar.close()
 
     mark_identity(rows, tok.eos_token_id)
     return {
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg_after": load_avg,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg": load_avg,
                     "python": sys.version.split()[0], "torch": torch.__version__},
         "verifier": str(verifier_dir), "drafter": str(drafter_dir), "cost_ratio": cost_ratio,
         "config": {k: v for k, v in vars(args).items() if k != "json"}, "grid": rows,
