@@ -497,12 +497,16 @@ def plot_grid(report: dict, path: str) -> None:
     groups = list(dict.fromkeys((r["workload"], r["temperature"]) for r in rows))
     series = list(dict.fromkeys((r["system"], r["rtt_ms"]) for r in rows))
     width = 0.8 / len(series)
+    colors = dict(zip(GRID_SYSTEMS, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")))
+    rtts = sorted({rtt for _, rtt in series})
     fig, ax = plt.subplots(figsize=(10, 4.8))
     for j, (system, rtt) in enumerate(series):
         values = [next((r["tokens_per_s"] for r in rows if (r["workload"], r["temperature"], r["system"], r["rtt_ms"])
                         == (w, t, system, rtt)), 0.0) for w, t in groups]  # fmt: skip
         label = system if system in SPEC_PEERS else f"{system}, RTT {rtt:g} ms"
-        ax.bar([i + j * width for i in range(len(groups))], values, width, label=label)
+        shade = 1.0 - 0.55 * rtts.index(rtt) / max(len(rtts) - 1, 1)  # one colour per system, paler as the RTT grows
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=label,
+               color=colors.get(system, "tab:gray"), alpha=shade)  # fmt: skip
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
                   [f"{w}, {'greedy' if t == 0 else f'T={t}'}" for w, t in groups])  # fmt: skip
     ax.set_ylabel("tokens/s (batch 1)")
