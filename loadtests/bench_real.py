@@ -80,6 +80,12 @@ def workloads(tokenizer, n: int, max_tokens: int, seed: int, chat_file: str | No
     return {"chat": chats[:n], "code": code}
 
 
+def card_cost_ratio(drafter_dir: Path) -> float | None:
+    """The drafter/verifier forward-cost ratio c measured by ``tandem distill`` (its distill.json), if any."""
+    card = Path(drafter_dir) / "distill.json"
+    return 1 / json.loads(card.read_text())["cost"]["ratio"] if card.is_file() else None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench_real", description=__doc__.split("\n\n")[0])
     p.add_argument("--verifier", help="verifier dir (default: the default pair's)")
@@ -117,8 +123,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     dv, dd = default_pair()
     verifier_dir, drafter_dir = Path(args.verifier or dv), Path(args.drafter or dd)
     tok = load_tokenizer(verifier_dir)
-    card = drafter_dir / "distill.json"
-    cost_ratio = 1 / json.loads(card.read_text())["cost"]["ratio"] if card.is_file() else None
+    cost_ratio = card_cost_ratio(drafter_dir)
 
     hf_verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).eval()
     hf_drafter = AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32).eval()

