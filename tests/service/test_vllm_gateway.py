@@ -74,9 +74,11 @@ def test_each_vllm_round_reaches_the_gateway_metrics(gateway_on_vllm):
 
 def test_usage_reports_the_prompt_tokens_vllms_prefix_cache_served(gateway_on_vllm):
     """usage.prompt_tokens_details.cached_tokens: a new prompt is cold, the same prompt again is served
-    from vLLM's prefix cache (as much as whole cache blocks allow), never more than the prompt."""
+    from vLLM's prefix cache (as much as whole cache blocks allow), never more than the prompt. A seeded
+    sampled request always runs rounds (it never switches to vLLM's stream, whose usage would come
+    only at its end), so its first round reports the prompt's cache hits."""
     prompt = f"# {uuid.uuid4().hex}\n" + "def handler(request):\n    return request.json()\n\n" * 12
-    body = {"model": "tandem", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    body = {"model": "tandem", "prompt": prompt, "max_tokens": 6, "temperature": 0.7, "seed": 1, "ignore_eos": True}
     first, second = (gateway_on_vllm.http.post("/v1/completions", json=body).json()["usage"] for _ in range(2))
     assert first["prompt_tokens"] == second["prompt_tokens"] > 100
     cold, warm = first["prompt_tokens_details"]["cached_tokens"], second["prompt_tokens_details"]["cached_tokens"]
