@@ -78,7 +78,9 @@ class Worker(ServerProcess):
         port = free_port()
         cmd = [sys.executable, "-m", "service.cli", "split-worker", "--model", str(model), "--layers", layers,
                "--port", str(port), "--dtype", dtype]
-        super().__init__(cmd, port=port, name="split worker", env=dict(os.environ, TANDEM_SPLIT_TOKEN=""),
+        # No token: unset, not empty (an empty token is refused at start, since it would turn auth off).
+        env = {k: v for k, v in os.environ.items() if k != "TANDEM_SPLIT_TOKEN"}
+        super().__init__(cmd, port=port, name="split worker", env=env,
                          log_path=Path(tempfile.gettempdir()) / f"tandem-bench-split-worker-{port}.log")
         self.spawn().wait_http("/health", timeout=300)
 
