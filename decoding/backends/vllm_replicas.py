@@ -142,9 +142,15 @@ class ReplicatedSession:
         """Start this session's context on the best replica other than ``exclude``."""
         errors = []
         for i in self.owner._order(exclude):
+            # Count the session on its replica before awaiting the start: sessions opened at the same
+            # moment then spread over the replicas instead of all seeing the same counts.
+            self.owner.open_sessions[i] += 1
             try:
                 inner = await self.owner.replicas[i].start(self.ids)
-            except VerifierUnavailableError as exc:
+            except BaseException as exc:
+                self.owner.open_sessions[i] -= 1
+                if not isinstance(exc, VerifierUnavailableError):
+                    raise
                 self.owner.mark_down(i)
                 errors.append(str(exc))
                 continue
@@ -152,7 +158,6 @@ class ReplicatedSession:
                 self.owner.open_sessions[self.replica] -= 1
                 await self.inner.close()
             self.replica, self.inner = i, inner
-            self.owner.open_sessions[i] += 1
             return
         raise VerifierUnavailableError("no verifier replica can take the session: " + "; ".join(errors))
 
