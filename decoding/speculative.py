@@ -436,9 +436,7 @@ class SpeculativeRouter:
                         mode = fallback = self._fall_back()
                         await self._close(verify)
                         verify = None
-                        if draft is None:
-                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device),
-                                                       processing)  # fmt: skip
+                        draft = self._drafter_alone(draft, prompt_ids + generated, params, generators, processing)
                         continue
                     if got is None:  # the server ended it early (e.g. its own length limit): go on with a new one
                         live = None
@@ -478,11 +476,7 @@ class SpeculativeRouter:
                         mode = fallback = self._fall_back()
                         await self._close(verify)
                         verify = None
-                        if draft is None:
-                            draft = self.drafter.start(prompt_ids + generated, params, generators.on(self.drafter.device),
-                                                       processing)  # fmt: skip
-                        else:
-                            draft.extend([])  # roll back this round's unverified draft
+                        draft = self._drafter_alone(draft, prompt_ids + generated, params, generators, processing)
                         continue
                     draft_s, verify_s = t1 - t0, time.perf_counter() - t1
                     transport = verify.last_transport
@@ -619,6 +613,16 @@ class SpeculativeRouter:
         accepted = next((i for i, (a, b) in enumerate(zip(proposed, seen)) if a != b), len(proposed))
         tracker.update(len(proposed), accepted)
         return None
+
+    def _drafter_alone(self, draft, context: list[int], params: SamplingParams, generators: Generators,
+                       processing: LogitsPipeline | None):  # fmt: skip
+        """The draft session that carries on after the verifier failed: a new one on the committed
+        ``context`` (a verifier-only request had none), or the open one rolled back to it (a round's,
+        or a shadow measurement's, unverified drafts are dropped)."""
+        if draft is None:
+            return self.drafter.start(context, params, generators.on(self.drafter.device), processing)
+        draft.extend([])
+        return draft
 
     def _fall_back(self) -> str:
         """Switch the request to drafter-only, or re-raise when that is not configured."""
